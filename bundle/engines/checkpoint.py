@@ -6,7 +6,9 @@ Files (``save_dir`` is the bundle's ``models/`` folder):
 - ``checkpoints/last.pt``: everything ``--resume`` needs (networks, optimizers, LR schedulers, the trainer's
   epoch and iteration, the best metric so far).
 Each file is written to a temporary name in the same folder and moved over the old one with ``os.replace``, so a
-crash never leaves a half-written checkpoint. A new (non-resumed) run refuses to start over an existing checkpoint.
+crash never leaves a half-written checkpoint. A new (non-resumed) run refuses to start over an existing checkpoint;
+a resumed run restores every object of ``save_dict``, the trainer's epoch/iteration and the best metric from
+``last.pt`` (loaded with ``weights_only=True`` by MONAI's ``CheckpointLoader``) before the first iteration.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +49,11 @@ def _state_of(obj: Any) -> Any:
 
 
 class AtomicCheckpointSaver:
-    """Attach to the trainer, after the ``ValidationHandler``.
+    """Attach to the trainer, after the ``ValidationHandler``; the trainer itself is saved and restored too.
 
     Args:
         save_dir: output folder (``models/``).
-        save_dict: objects with ``state_dict()`` saved in ``last.pt`` (include the trainer for resuming).
+        save_dict: objects with ``state_dict()`` saved in ``last.pt`` (networks, optimizers, LR schedulers).
         model: the network saved alone as ``model_filename`` when the validation metric improves.
         evaluator: the validation evaluator whose ``state.metrics[key_metric_name]`` selects the best model;
             None saves ``model_filename`` every epoch.
@@ -72,6 +75,7 @@ class AtomicCheckpointSaver:
         last_filename: str = "checkpoints/last.pt",
         resume: bool = False,
         overwrite: bool = False,
+        map_location: str | torch.device | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
@@ -82,8 +86,10 @@ class AtomicCheckpointSaver:
         self.last_path = self.save_dir / last_filename
         self.resume = resume
         self.overwrite = overwrite
+        self.map_location = map_location
         self.best_metric = -math.inf
         self.best_epoch = -1
+        self.trainer: Engine | None = None
 
     def state_dict(self) -> dict[str, float | int]:
         return {"best_metric": float(self.best_metric), "best_epoch": int(self.best_epoch)}
@@ -93,13 +99,20 @@ class AtomicCheckpointSaver:
         self.best_epoch = int(state["best_epoch"])
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._check_outputs)
+        self.trainer = engine
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
-    def _check_outputs(self, engine: Engine) -> None:
+    def _objects(self) -> dict[str, Any]:
+        return {**self.save_dict, "trainer": self.trainer, "checkpointer": self}
+
+    def _start(self, engine: Engine) -> None:
         if self.resume:
             if not self.last_path.is_file():
                 raise FileNotFoundError(f"{self.last_path}: --resume was requested but there is no checkpoint here")
+            loader = CheckpointLoader(str(self.last_path), self._objects(), map_location=self.map_location)
+            loader(engine)
+            logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}")
             return
         existing = [p for p in (self.model_path, self.last_path) if p.exists()]
         if existing and not self.overwrite:
@@ -118,6 +131,4 @@ class AtomicCheckpointSaver:
                 self.best_metric, self.best_epoch = value, epoch
                 atomic_torch_save(self.model.state_dict(), self.model_path)
                 logger.info(f"epoch {epoch}: new best {self.key_metric_name} = {value:.4f}, saved {self.model_path}")
-        state = {k: _state_of(v) for k, v in self.save_dict.items()}
-        state["checkpointer"] = self.state_dict()
-        atomic_torch_save(state, self.last_path)
+        atomic_torch_save({k: _state_of(v) for k, v in self._objects().items()}, self.last_path)

@@ -1,0 +1,40 @@
+"""Choosing the part of a datalist a workflow runs on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+SUBSETS = ("training", "validation", "test")
+
+
+def select_subset(datalist: Mapping[str, Sequence[dict]], subset: str) -> list[dict]:
+    """The entries of ``subset`` (``training``, ``validation``, ``test`` or ``all`` = every entry once).
+
+    Raises a ValueError naming the subset when it is unknown or empty, so an evaluation never runs on nothing.
+    """
+    if subset == "all":
+        items = [item for name in SUBSETS for item in datalist.get(name, [])]
+    elif subset in SUBSETS:
+        items = list(datalist.get(subset, []))
+    else:
+        raise ValueError(f"unknown subset {subset!r}; choose one of {SUBSETS + ('all',)}")
+    if not items:
+        sizes = {name: len(datalist.get(name, [])) for name in SUBSETS}
+        raise ValueError(f"the datalist has no {subset!r} images (sizes: {sizes}); choose another --eval_subset")
+    return items
+
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+def image_folder_datalist(folder: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[dict]:
+    """``[{"image": path}, ...]`` for the image files directly in ``folder`` (sorted); error if there are none."""
+    from pathlib import Path
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: input folder does not exist")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise ValueError(f"{root}: no images with suffix {', '.join(suffixes)}")
+    return [{"image": str(p)} for p in files]
