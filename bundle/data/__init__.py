@@ -1,0 +1,3 @@
+"""Data components of the bundle."""
+
+from bundle.data import aperio, datalists, errors, monuseg, synthetic  # noqa: F401

@@ -180,8 +180,8 @@ class CDALTrainer(Trainer):
     def _iteration(self, engine: CDALTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        image, x0, _, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
-                                               **engine.to_kwargs)
+        prepared = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        image, x0 = prepared[0], prepared[1]
         image, x0 = torch.as_tensor(image).float(), torch.as_tensor(x0).float()
         engine.generator.train()
         engine.discriminator.train()

@@ -1,0 +1,3 @@
+"""Networks components of the bundle."""
+
+from bundle.networks import blocks, cdal  # noqa: F401
