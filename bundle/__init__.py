@@ -4,6 +4,6 @@
 what ``$import bundle`` in the bundle configs relies on.
 """
 
-from bundle import data, diffusion, engines, metrics, networks, transforms  # noqa: F401
+from bundle import data, diffusion, engines, metrics, networks, reports, transforms  # noqa: F401
 
 __version__ = "0.1.0"

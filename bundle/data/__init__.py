@@ -1,3 +1,7 @@
-"""Data components of the bundle."""
+"""Data components of the bundle; every module is imported so configs can reach it as `bundle.data.<module>`."""
 
-from bundle.data import aperio, datalists, errors, monuseg, synthetic  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

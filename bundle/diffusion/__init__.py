@@ -1,3 +1,7 @@
-"""Diffusion components of the bundle."""
+"""Diffusion components of the bundle; every module is imported so configs can reach it as `bundle.diffusion.<module>`."""
 
-from bundle.diffusion import ensemble_inferer, samplers, schedules  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

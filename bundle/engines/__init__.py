@@ -1,3 +1,7 @@
-"""Engines components of the bundle."""
+"""Engines components of the bundle; every module is imported so configs can reach it as `bundle.engines.<module>`."""
 
-from bundle.engines import cdal_trainer, checkpoint, panels, report_writer, seeding  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

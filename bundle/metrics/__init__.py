@@ -1,3 +1,7 @@
-"""Metrics components of the bundle."""
+"""Metrics components of the bundle; every module is imported so configs can reach it as `bundle.metrics.<module>`."""
 
-from bundle.metrics import binary  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,3 +1,7 @@
-"""Networks components of the bundle."""
+"""Networks components of the bundle; every module is imported so configs can reach it as `bundle.networks.<module>`."""
 
-from bundle.networks import blocks, cdal  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,3 +1,7 @@
-"""Transforms components of the bundle."""
+"""Transforms components of the bundle; every module is imported so configs can reach it as `bundle.transforms.<module>`."""
 
-from bundle.transforms import ensemble, intensity, io, recipes, writers  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
