@@ -93,3 +93,24 @@ def test_bad_arguments_are_rejected():
         _inferer(outputs=("median",))
     with pytest.raises(ValueError, match="generators"):
         _inferer(num_generations=2).ensemble(torch.randn(1, 3, 16, 16), _generator(), _generators(3))
+
+
+def test_seeded_noise_follows_the_image_not_the_batch():
+    """With a seed, an image's generations depend on its file name only: alone, batched or reordered, the same."""
+    from monai.data import MetaTensor
+
+    net = _generator()
+    a, b = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
+
+    def named(x, names):
+        return MetaTensor(x, meta={"filename_or_obj": names})
+
+    inferer = _inferer(num_generations=2, seed=3, outputs="samples")
+    alone = inferer(named(a, ["a.tif"]), net)
+    again = _inferer(num_generations=2, seed=3, outputs="samples")(named(a, ["a.tif"]), net)
+    other_name = inferer(named(a, ["c.tif"]), net)
+    torch.testing.assert_close(alone, again)
+    assert (alone - other_name).abs().max() > 1e-3  # a different image name gives different noise
+    # after other calls, the same image still gets the same noise (no dependence on call order)
+    inferer(named(b, ["b.tif"]), net)
+    torch.testing.assert_close(inferer(named(a, ["a.tif"]), net), alone)

@@ -10,10 +10,12 @@ as four non-overlapping 256x256 tiles) and stitches the tiles.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from functools import partial
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
@@ -40,7 +42,10 @@ class EnsembleDiffusionInferer(Inferer):
         sw_batch_size: tiles per sliding-window batch.
         overlap: sliding-window overlap (0 for the MoNuSeg protocol).
         generation_batch_size: most rows (image x generation) per network call; None runs all at once.
-        seed: seed of the inferer's random stream (None: drawn from torch's global RNG).
+        seed: seed of the noise. With a seed, the noise of an image is a function of the seed and the image's file
+            name (``filename_or_obj`` in the input's metadata), so an image gets the same generations whatever
+            batch, rank or order it comes in (tiles of one call share that image's stream); inputs without a
+            file name draw from one stream seeded once. None: noise from torch's global RNG.
     """
 
     def __init__(
@@ -71,31 +76,46 @@ class EnsembleDiffusionInferer(Inferer):
             if roi_size is None
             else SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="constant")
         )
+        self.seed = seed
         self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
-    def _row_generators(self, rows: int, device: torch.device) -> list[torch.Generator]:
-        if self._stream is not None:
-            seeds = torch.randint(0, 2**62, (rows,), generator=self._stream)
-        else:
-            seeds = torch.randint(0, 2**62, (rows,))
+    def _call_stream(self, inputs: torch.Tensor) -> torch.Generator | None:
+        """The random stream of one call: derived from the seed and the images' file names when both exist."""
+        if self.seed is None:
+            return None
+        names = inputs.meta.get("filename_or_obj") if isinstance(inputs, MetaTensor) else None
+        if not names:
+            return self._stream
+        key = "|".join(str(n) for n in (names if isinstance(names, (list, tuple)) else [names]))
+        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + zlib.crc32(key.encode()))
+
+    @staticmethod
+    def _row_generators(rows: int, device: torch.device, stream: torch.Generator | None) -> list[torch.Generator]:
+        seeds = torch.randint(0, 2**62, (rows,), generator=stream)
         return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor | dict:
         """Ensemble prediction for images (B, C_img, H, W); see the class docstring for the outputs."""
+        stream = self._call_stream(inputs)
         if self.window is None:
-            return self.ensemble(inputs, network)
-        return self.window(inputs, partial(self.ensemble, network=network))
+            return self.ensemble(inputs, network, stream=stream)
+        return self.window(inputs, partial(self.ensemble, network=network, stream=stream))
 
     @torch.no_grad()
     def ensemble(
-        self, images: torch.Tensor, network: nn.Module, generators: Sequence[torch.Generator] | None = None
+        self,
+        images: torch.Tensor,
+        network: nn.Module,
+        generators: Sequence[torch.Generator] | None = None,
+        stream: torch.Generator | None = None,
     ) -> torch.Tensor | dict:
-        """Ensemble over one batch of images (no tiling). ``generators`` (B * N, image-major) fixes the noise."""
+        """Ensemble over one batch of images (no tiling). ``generators`` (B * N, image-major) fixes the noise;
+        otherwise they are seeded from ``stream`` (None: torch's global RNG)."""
         batch, n = images.shape[0], self.num_generations
         channels = getattr(unwrap_network(network), "label_channels", self.label_channels)
         label_shape = (channels, *images.shape[2:])
         if generators is None:
-            generators = self._row_generators(batch * n, images.device)
+            generators = self._row_generators(batch * n, images.device, stream)
         if len(generators) != batch * n:
             raise ValueError(f"need {batch * n} generators (batch {batch} x {n} generations), got {len(generators)}")
         condition = self.sampler.encode(network, images)

@@ -6,7 +6,9 @@ Files (``save_dir`` is the bundle's ``models/`` folder):
 - ``checkpoints/last.pt``: everything ``--resume`` needs (networks, optimizers, LR schedulers, the trainer's
   epoch and iteration, the best metric so far).
 Each file is written to a temporary name in the same folder and moved over the old one with ``os.replace``, so a
-crash never leaves a half-written checkpoint. A new (non-resumed) run refuses to start over an existing checkpoint;
+crash never leaves a half-written checkpoint. Under ``torch.distributed`` the handler exists on every rank (it
+runs no collective operation), every rank restores from ``last.pt``, and only rank 0 writes; networks are saved
+without their DDP wrapper. A new (non-resumed) run refuses to start over an existing checkpoint;
 a resumed run restores every object of ``save_dict``, the trainer's epoch/iteration and the best metric from
 ``last.pt`` (loaded with ``weights_only=True`` by MONAI's ``CheckpointLoader``) before the first iteration.
 """
@@ -23,6 +25,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
+
+from bundle.diffusion.samplers import unwrap_network
+from bundle.engines.seeding import process_rank
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def _state_of(obj: Any) -> Any:
     return obj.state_dict() if hasattr(obj, "state_dict") else obj
+
+
+def _unwrapped(obj: Any) -> Any:
+    """Networks without their DDP / compile wrappers, so checkpoints hold plain state dicts."""
+    return unwrap_network(obj) if isinstance(obj, torch.nn.Module) else obj
 
 
 class AtomicCheckpointSaver:
@@ -104,7 +114,8 @@ class AtomicCheckpointSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
     def _objects(self) -> dict[str, Any]:
-        return {**self.save_dict, "trainer": self.trainer, "checkpointer": self}
+        objects = {k: _unwrapped(v) for k, v in self.save_dict.items()}
+        return {**objects, "trainer": self.trainer, "checkpointer": self}
 
     def _start(self, engine: Engine) -> None:
         if self.resume:
@@ -123,12 +134,17 @@ class AtomicCheckpointSaver:
 
     def _epoch_completed(self, engine: Engine) -> None:
         epoch = int(engine.state.epoch)
+        writer = process_rank() == 0
+        model_state = _unwrapped(self.model).state_dict
         if self.evaluator is None:
-            atomic_torch_save(self.model.state_dict(), self.model_path)
+            if writer:
+                atomic_torch_save(model_state(), self.model_path)
         elif self.evaluator.state.epoch == epoch and self.key_metric_name in self.evaluator.state.metrics:
             value = float(self.evaluator.state.metrics[self.key_metric_name])
             if value > self.best_metric:
                 self.best_metric, self.best_epoch = value, epoch
-                atomic_torch_save(self.model.state_dict(), self.model_path)
+                if writer:
+                    atomic_torch_save(model_state(), self.model_path)
                 logger.info(f"epoch {epoch}: new best {self.key_metric_name} = {value:.4f}, saved {self.model_path}")
-        atomic_torch_save({k: _state_of(v) for k, v in self._objects().items()}, self.last_path)
+        if writer:
+            atomic_torch_save({k: _state_of(v) for k, v in self._objects().items()}, self.last_path)
