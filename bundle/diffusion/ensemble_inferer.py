@@ -79,7 +79,7 @@ class EnsembleDiffusionInferer(Inferer):
         self.seed = seed
         self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
-    def _call_stream(self, inputs: torch.Tensor) -> torch.Generator | None:
+    def noise_stream(self, inputs: torch.Tensor) -> torch.Generator | None:
         """The random stream of one call: derived from the seed and the images' file names when both exist."""
         if self.seed is None:
             return None
@@ -96,7 +96,7 @@ class EnsembleDiffusionInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor | dict:
         """Ensemble prediction for images (B, C_img, H, W); see the class docstring for the outputs."""
-        stream = self._call_stream(inputs)
+        stream = self.noise_stream(inputs)
         if self.window is None:
             return self.ensemble(inputs, network, stream=stream)
         return self.window(inputs, partial(self.ensemble, network=network, stream=stream))
@@ -111,6 +111,8 @@ class EnsembleDiffusionInferer(Inferer):
     ) -> torch.Tensor | dict:
         """Ensemble over one batch of images (no tiling). ``generators`` (B * N, image-major) fixes the noise;
         otherwise they are seeded from ``stream`` (None: torch's global RNG)."""
+        if isinstance(images, MetaTensor):
+            images = images.as_tensor()  # per-row slicing below must not split batched metadata
         batch, n = images.shape[0], self.num_generations
         channels = getattr(unwrap_network(network), "label_channels", self.label_channels)
         label_shape = (channels, *images.shape[2:])

@@ -39,7 +39,9 @@ class SegmentationReportWriter:
     Args:
         output_dir: results folder.
         metric_names: names of the attached metrics to report, as registered with the evaluator.
-        class_names: names of the label channels (default ``class_0``, ...); one channel gives plain columns.
+        class_names: names of the label channels; when None, the ``"class_names"`` that the outputs carry (as
+            ``bundle.transforms.volume.VoteArgmaxd`` sets them), else ``class_0``, ...; one channel gives plain
+            columns.
         overwrite: replace results already in ``output_dir``.
     """
 
@@ -57,6 +59,7 @@ class SegmentationReportWriter:
         self.csv_path = self.output_dir / "metrics_per_image.csv"
         self.json_path = self.output_dir / "metrics_summary.json"
         self._names: list[str] = []
+        self._output_class_names: list[str] | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._check_outputs)
@@ -73,11 +76,15 @@ class SegmentationReportWriter:
         output = engine.state.output
         for item in output if isinstance(output, list) else [output]:
             self._names.append(_filename(item))
+            if self._output_class_names is None and isinstance(item, dict) and item.get("class_names"):
+                self._output_class_names = [str(n) for n in item["class_names"]]
 
     def _columns(self, channels: int) -> list[str]:
         if channels == 1:
             return [""]
-        names = self.class_names or [f"class_{c}" for c in range(channels)]
+        names = self.class_names or self._output_class_names or [f"class_{c}" for c in range(channels)]
+        if len(names) != channels:
+            raise ValueError(f"{len(names)} class names {names} for metrics with {channels} channels")
         return [f"_{n}" for n in names]
 
     def _write(self, engine: Engine) -> None:

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Reproduce a paper table: train and evaluate methods on the folds of a dataset, then tabulate.
+
+For every method and fold this runs (each as ``python -m monai.bundle run ...`` in a subprocess, logs in
+``<results>/<method>/<dataset>/fold<k>/logs/``):
+
+1. ``training`` with ``configs/train.yaml`` + ``configs/methods/<method>.yaml`` + ``configs/datasets/<dataset>.yaml``
+   (+ ``configs/paper/<method>_<dataset>.yaml`` with ``--paper``), bundle root ``<results>/<method>/<dataset>/fold<k>``;
+   an interrupted training is resumed, a finished one (``TRAINING_DONE``) is kept;
+2. ``evaluating`` (``configs/evaluate.yaml`` after train.yaml) on the held-out fold (``--eval_subset test``) into
+   ``.../fold<k>/evaluation/`` (``metrics_per_image.csv``, ``metrics_summary.json``); a finished evaluation is read
+   as it is, so re-running the script only tabulates.
+
+Datasets with folds (a ``fold`` key in their overlay: cxr, hippocampus) get ``--fold k``; the others (monuseg,
+synthetic) have a fixed split and get ``--seed <seed + k>`` instead, so their "folds" are repeated runs.
+
+Then it writes ``<results>/tables/<dataset>_<methods>/table.{md,csv,tex}`` (per class and class mean, mean +- std over
+folds, paired t-test of every method against the first; see ``bundle.reports.tables``) and logs the table as one
+MLflow run in ``<results>/mlruns.db`` (where every training and evaluation run of the script is logged too).
+
+Example (the cDAL Hippocampus table, four folds, GPU)::
+
+    python scripts/reproduce.py --methods cdal --dataset hippocampus --folds 0 1 2 3 --paper \\
+        --dataset_dir /data/Task04_Hippocampus --results results
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bundle.reports.tables import build_table, log_table_to_mlflow, read_run, write_tables  # noqa: E402
+
+DONE_MARKER = "TRAINING_DONE"
+
+
+def _key_values(pairs: list[str]) -> list[str]:
+    """``["a=1", "b#c=x"]`` -> ``["--a", "1", "--b#c", "x"]`` for the MONAI bundle CLI."""
+    args = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set/--eval_set expects key=value, got {pair!r}")
+        args += [f"--{key}", value]
+    return args
+
+
+def _overlay(kind: str, name: str) -> Path:
+    path = REPO / "configs" / kind / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (REPO / "configs" / kind).glob("*.yaml"))
+        raise SystemExit(f"{path}: no such {kind[:-1]} overlay; available: {', '.join(known)}")
+    return path
+
+
+def _config_files(method: str, dataset: str, paper: bool, evaluate: bool) -> list[Path]:
+    files = [REPO / "configs" / "train.yaml"]
+    if evaluate:
+        files.append(REPO / "configs" / "evaluate.yaml")
+    files += [_overlay("methods", method), _overlay("datasets", dataset)]
+    if paper:
+        files.append(_overlay("paper", f"{method}_{dataset}"))
+    return files
+
+
+def _run_bundle(run_id: str, files: list[Path], root: Path, args: list[str], log_name: str, dry_run: bool) -> None:
+    config = "[" + ",".join(f"'{f}'" for f in files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, "--bundle_root", str(root),
+           *args]
+    print("$ " + " ".join(cmd), flush=True)
+    if dry_run:
+        return
+    log = root / "logs" / log_name
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+    print(f"  {run_id} finished in {time.time() - start:.0f} s (exit {proc.returncode}), log {log}", flush=True)
+    if proc.returncode != 0:
+        tail = log.read_text()[-4000:]
+        raise SystemExit(f"{run_id} failed (exit {proc.returncode}); end of {log}:\n{tail}")
+
+
+def _has_folds(dataset: str) -> bool:
+    content = yaml.safe_load(_overlay("datasets", dataset).read_text()) or {}
+    return "fold" in content
+
+
+def _dataset_name(dataset: str) -> str:
+    content = yaml.safe_load(_overlay("datasets", dataset).read_text()) or {}
+    name = content.get("dataset_name", dataset)
+    return name if isinstance(name, str) and not name.startswith(("$", "@")) else dataset
+
+
+def run_fold(options: argparse.Namespace, method: str, fold: int, tracking_uri: str) -> Path:
+    """Train (unless done) and evaluate (unless done) one method on one fold; the evaluation folder."""
+    root = (Path(options.results) / method / options.dataset / f"fold{fold}").absolute()
+    eval_dir = root / "evaluation"
+    if (eval_dir / "metrics_per_image.csv").is_file():
+        print(f"{method} fold {fold}: reading the finished run in {eval_dir}", flush=True)
+        return eval_dir
+    if options.tabulate_only:
+        raise SystemExit(f"{eval_dir}: no finished evaluation (metrics_per_image.csv); run without --tabulate_only")
+    common = ["--tracking_uri", tracking_uri]
+    if options.dataset_dir:
+        common += ["--dataset_dir", str(Path(options.dataset_dir).absolute())]
+    common += ["--fold", str(fold)] if _has_folds(options.dataset) else ["--seed", str(options.seed + fold)]
+    common += _key_values(options.set)
+    if not (root / DONE_MARKER).is_file() and not options.evaluate_only:
+        resume = ["--resume", "true"] if (root / "models" / "checkpoints" / "last.pt").is_file() else []
+        _run_bundle("training", _config_files(method, options.dataset, options.paper, False), root,
+                    common + resume, "training.log", options.dry_run)
+        if not options.dry_run:
+            (root / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
+    if not (root / "models" / "model.pt").is_file() and not options.dry_run:
+        raise SystemExit(f"{root / 'models' / 'model.pt'}: no trained model to evaluate")
+    _run_bundle("evaluating", _config_files(method, options.dataset, options.paper, True), root,
+                common + ["--eval_subset", options.eval_subset, "--eval_dir", str(eval_dir),
+                          *_key_values(options.eval_set)], "evaluating.log", options.dry_run)
+    return eval_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", "--method", nargs="+", required=True,
+                        help="method overlays (configs/methods/<name>.yaml); the first is the t-test reference")
+    parser.add_argument("--dataset", required=True, help="dataset overlay (configs/datasets/<name>.yaml)")
+    parser.add_argument("--folds", nargs="+", type=int, default=[0], help="folds (or repeats) to run")
+    parser.add_argument("--results", default="results", help="results folder (runs, tables, mlruns.db)")
+    parser.add_argument("--dataset_dir", help="the dataset in its original layout (default: the overlay's)")
+    parser.add_argument("--paper", action="store_true", help="add configs/paper/<method>_<dataset>.yaml (GPU scale)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for training and evaluation, e.g. max_epochs=20")
+    parser.add_argument("--eval_set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for evaluation only, e.g. num_generations=30")
+    parser.add_argument("--eval_subset", default="test", help="datalist subset scored (default: the held-out fold)")
+    parser.add_argument("--metrics", nargs="+", default=["dice", "iou", "precision", "recall"])
+    parser.add_argument("--pairing", choices=("image", "fold"), default="image",
+                        help="t-test pairs: the same images in both methods (default) or the fold means")
+    parser.add_argument("--seed", type=int, default=1024, help="base seed of the repeats of fold-less datasets")
+    parser.add_argument("--evaluate_only", action="store_true", help="evaluate existing models, never train")
+    parser.add_argument("--tabulate_only", action="store_true", help="only read finished runs and tabulate")
+    parser.add_argument("--tracking_uri", help="MLflow tracking URI (default: sqlite:///<results>/mlruns.db)")
+    parser.add_argument("--dry_run", action="store_true", help="print the bundle commands, run nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    results = Path(options.results).absolute()
+    results.mkdir(parents=True, exist_ok=True)
+    tracking_uri = options.tracking_uri or f"sqlite:///{results / 'mlruns.db'}"
+    runs = []
+    for method in options.methods:
+        for fold in options.folds:
+            eval_dir = run_fold(options, method, fold, tracking_uri)
+            if not options.dry_run:
+                runs.append(read_run(eval_dir, method, fold))
+    if options.dry_run:
+        return 0
+    dataset = _dataset_name(options.dataset)
+    table = build_table(runs, dataset, options.metrics, options.pairing)
+    out_dir = results / "tables" / f"{options.dataset}_{'_vs_'.join(options.methods)}"
+    paths = write_tables(table, out_dir, overwrite=True)
+    run_id = log_table_to_mlflow(table, paths, tracking_uri)
+    print((out_dir / "table.md").read_text())
+    print(f"tables: {', '.join(str(p) for p in paths.values())}; MLflow run {run_id} in {tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
