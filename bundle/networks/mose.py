@@ -1,0 +1,218 @@
+"""MoSE (Gao et al. 2023): a U-Net, a gating network and K learnable Gaussian experts with a noise injector.
+
+Architecture of gaozhitong/MoSE-AUSeg ``models/MoSE.py`` (METHODS.md section 4):
+
+- U-Net: per level 3 x (conv3x3 + BatchNorm(eps 1e-3, momentum 0.01) + ReLU), average pooling between levels,
+  bilinear up-sampling (align_corners=True), skip concatenation, a final 1x1 conv to ``num_channels[0]`` features.
+- gating: global average of the deepest skip features (the level above the bottleneck) -> FC -> ReLU -> FC -> ReLU
+  -> FC to K (no bias) -> softmax = pi(x), the expert weights.
+- experts: image-independent N(mu_k, sigma_k^2) in ``latent_dim`` (1) dimensions, K = 4; mu initialised with the
+  binary corners (rows [0], [1] for latent_dim 1) and the rest uniform in [0, 1); log sigma = log(1/8).
+- noise injector: f' = (f + W_r z) * (W_s z + 1e-5) with linear W_r, W_s (Xavier, zero bias), then 1x1 conv layers
+  (two C0 -> C0 conv + BN + ReLU, then C0 -> 2 classes + BN + ReLU, as the reference's ``Conv2DSequence``), softmax
+  over {background, foreground}. Only binary segmentation (``label_channels`` = 1) is supported.
+
+Sample forms (``sample``): **weighted**, S = N / K latent draws per expert with weights pi_k / S (training and
+MoSE's default evaluation), and **sampled**, expert k ~ Cat(pi) then z ~ N(mu_k, sigma_k^2) with uniform weights
+(the README's ``eval_sample_num``). Weighted samples are ordered sample-major (index s * K + k), so the first
+n * K samples are again a weighted set with n draws per expert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MoSEUNet", "ExpertGating", "NoiseInjector", "MixtureOfStochasticExperts", "SAMPLE_MODES"]
+
+SAMPLE_MODES = ("weighted", "sampled")
+
+
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int, bias: bool = True) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=bias),
+            nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True)]
+
+
+def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.AvgPool2d(2, 2, ceil_mode=True)] if pool else []
+    for i in range(3):
+        layers += _conv_bn_relu(c_in if i == 0 else c_out, c_out, 3)
+    block = nn.Sequential(*layers)
+    for m in block:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.normal_(m.bias, std=1e-3)
+    return block
+
+
+class MoSEUNet(nn.Module):
+    """U-Net backbone: image (B, C_img, H, W) -> (global features (B, num_channels[-2]), dense (B, C0, H, W))."""
+
+    def __init__(self, image_channels: int, num_channels: Sequence[int]) -> None:
+        super().__init__()
+        chans = [image_channels, *num_channels]
+        levels = len(num_channels)
+        self.down = nn.ModuleList(_block(chans[i], chans[i + 1], pool=i > 0) for i in range(levels))
+        self.up = nn.ModuleList(
+            _block(num_channels[i + 1] + num_channels[i], num_channels[i], pool=False)
+            for i in reversed(range(levels - 1))
+        )
+        self.last = nn.Conv2d(num_channels[0], num_channels[0], 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        h = skips.pop()
+        global_features = skips[-1].mean(dim=(2, 3))
+        for block in self.up:
+            skip = skips.pop()
+            h = F.interpolate(h, size=skip.shape[2:], mode="bilinear", align_corners=True)
+            h = block(torch.cat([h, skip], dim=1))
+        return global_features, self.last(h)
+
+
+class ExpertGating(nn.Sequential):
+    """pi(x): (B, C) global features -> (B, K) expert weights (softmax)."""
+
+    def __init__(self, channels: int, num_experts: int) -> None:
+        super().__init__(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels), nn.ReLU(),
+                         nn.Linear(channels, num_experts, bias=False))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.softmax(super().forward(features).float(), dim=-1)
+
+
+class NoiseInjector(nn.Module):
+    """(features (B, C0, H, W), z (B, N, L)) -> class scores (B * N, 2, H, W), image-major."""
+
+    def __init__(self, channels: int, latent_dim: int, num_classes: int = 2) -> None:
+        super().__init__()
+        self.residual = nn.Linear(latent_dim, channels)
+        self.scale = nn.Linear(latent_dim, channels)
+        for linear in (self.residual, self.scale):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        layers = _conv_bn_relu(channels, channels, 1, bias=False) + _conv_bn_relu(channels, channels, 1, bias=False)
+        self.head = nn.Sequential(*layers, *_conv_bn_relu(channels, num_classes, 1, bias=True))
+        for m in self.head:
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = features.shape
+        n = z.shape[1]
+        f = features[:, None].expand(b, n, c, h, w).reshape(b * n, c, h, w)
+        z = z.reshape(b * n, -1).to(features.dtype)
+        f = (f + self.residual(z)[:, :, None, None]) * (self.scale(z)[:, :, None, None] + 1e-5)
+        return self.head(f)
+
+
+def _initial_means(num_experts: int, latent_dim: int) -> torch.Tensor:
+    """Binary corners of the latent cube on the first 2**L rows, the rest uniform in [0, 1) (MoSE ``mu_init``)."""
+    means = torch.rand(num_experts, latent_dim)
+    corners = min(num_experts, 2**latent_dim)
+    for row in range(corners):
+        for i in range(latent_dim):
+            means[row, i] = float((row >> (latent_dim - 1 - i)) & 1)
+    return means
+
+
+class MixtureOfStochasticExperts(nn.Module):
+    """MoSE for binary segmentation; see the module docstring.
+
+    Args:
+        image_channels: input channels (1 for LIDC).
+        label_channels: must be 1 (foreground probability = softmax over {background, foreground}).
+        num_channels: U-Net widths (reference LIDC: 32, 64, 128, 192, 192, 192, 192).
+        num_experts: K (4).
+        latent_dim: expert latent size (1).
+        sample_chunk: most samples decoded per noise-injector call in ``sample``.
+    """
+
+    def __init__(
+        self,
+        image_channels: int = 1,
+        label_channels: int = 1,
+        num_channels: Sequence[int] = (32, 64, 128, 192, 192, 192, 192),
+        num_experts: int = 4,
+        latent_dim: int = 1,
+        sample_chunk: int = 16,
+    ) -> None:
+        super().__init__()
+        if label_channels != 1:
+            raise ValueError(f"MoSE here segments one foreground class (label_channels=1), got {label_channels}")
+        if len(num_channels) < 2:
+            raise ValueError(f"need at least two levels, got num_channels={tuple(num_channels)}")
+        self.image_channels, self.label_channels = image_channels, label_channels
+        self.num_experts, self.latent_dim, self.sample_chunk = num_experts, latent_dim, sample_chunk
+        self.num_levels = len(num_channels)
+        self.backbone = MoSEUNet(image_channels, num_channels)
+        self.gating = ExpertGating(num_channels[-2], num_experts)
+        self.injector = NoiseInjector(num_channels[0], latent_dim)
+        self.mu = nn.Parameter(_initial_means(num_experts, latent_dim))
+        self.log_sigma = nn.Parameter(torch.full((num_experts, latent_dim), math.log(1 / 8)))
+
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert weights pi (B, K), dense features (B, C0, H, W)) for images (B, C_img, H, W)."""
+        factor = 2 ** (self.num_levels - 1)
+        if image.ndim != 4 or image.shape[1] != self.image_channels:
+            raise ValueError(f"image must be (B, {self.image_channels}, H, W), got shape {tuple(image.shape)}")
+        if image.shape[2] % factor or image.shape[3] % factor:
+            raise ValueError(f"image height and width must be divisible by {factor}, got {tuple(image.shape[2:])}")
+        global_features, dense = self.backbone(image)
+        return self.gating(global_features), dense
+
+    def latent_codes(
+        self, expert_weights: torch.Tensor, num_samples: int, mode: str = "weighted",
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z (B, N, L), sample weights (B, N)); reparameterised, so gradients reach mu and log sigma.
+
+        ``weighted``: N must be a multiple of K; sample s * K + k is draw s of expert k with weight pi_k / S.
+        ``sampled``: expert ids drawn from Cat(pi) per sample, uniform weights 1 / N.
+        """
+        b, k = expert_weights.shape
+        device = expert_weights.device
+        if mode == "weighted":
+            if num_samples % k:
+                raise ValueError(f"weighted sampling needs num_samples divisible by num_experts={k}, got {num_samples}")
+            per_expert = num_samples // k
+            experts = torch.arange(k, device=device).repeat(per_expert)[None].expand(b, -1)
+            weights = expert_weights.gather(1, experts) / per_expert
+        elif mode == "sampled":
+            experts = torch.multinomial(expert_weights.detach().float(), num_samples, replacement=True,
+                                        generator=generator)
+            weights = torch.full((b, num_samples), 1.0 / num_samples, device=device)
+        else:
+            raise ValueError(f"mode must be one of {SAMPLE_MODES}, got {mode!r}")
+        noise = torch.randn((b, num_samples, self.latent_dim), generator=generator, device=device)
+        z = self.mu[experts] + (torch.exp(self.log_sigma[experts]) + 1e-8) * noise.to(self.mu.dtype)
+        return z, weights
+
+    def foreground_probability(self, dense: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(B, N, 1, H, W) foreground probabilities from dense features (B, C0, H, W) and z (B, N, L)."""
+        scores = self.injector(dense, z)
+        probs = torch.softmax(scores.float(), dim=1)[:, 1:]
+        return probs.reshape(z.shape[0], z.shape[1], 1, *dense.shape[2:])
+
+    def forward(self, image: torch.Tensor, num_samples: int = 16, mode: str = "weighted") -> dict[str, torch.Tensor]:
+        """Differentiable samples: ``{"probabilities": (B, N, 1, H, W), "weights": (B, N)}``."""
+        expert_weights, dense = self.encode(image)
+        z, weights = self.latent_codes(expert_weights, num_samples, mode)
+        return {"probabilities": self.foreground_probability(dense, z), "weights": weights}
+
+    @torch.no_grad()
+    def sample(
+        self, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None, mode: str = "sampled"
+    ) -> dict[str, torch.Tensor]:
+        """Evaluation samples (``SamplingInferer``): as ``forward``, decoded in chunks, noise from ``generator``."""
+        expert_weights, dense = self.encode(image)
+        z, weights = self.latent_codes(expert_weights, num_samples, mode, generator)
+        parts = [self.foreground_probability(dense, chunk) for chunk in z.split(self.sample_chunk, dim=1)]
+        return {"probabilities": torch.cat(parts, dim=1), "weights": weights}
