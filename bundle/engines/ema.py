@@ -1,0 +1,68 @@
+"""Exponential moving average (EMA) of a network's weights, kept in a second network of the same class.
+
+The bundle's ``network`` (validated, saved as ``models/model.pt``, loaded by evaluate/inference) holds the EMA
+weights; the optimiser trains ``trainable_copy(network)``. After every optimiser step
+``ema <- decay * ema + (1 - decay) * trained`` for the parameters (``torch.optim.swa_utils.get_ema_multi_avg_fn``,
+the update of ``AveragedModel``), and the buffers are copied. Both networks start equal, as in improved-diffusion.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+__all__ = ["ExponentialMovingAverage", "trainable_copy"]
+
+
+def trainable_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` (same weights and device) with gradients enabled, for the optimiser."""
+    return copy.deepcopy(network).requires_grad_(True).train()
+
+
+class ExponentialMovingAverage:
+    """EMA of ``network``'s parameters in ``ema_network``; call ``update()`` after each optimiser step.
+
+    Args:
+        network: the trained network.
+        ema_network: a network of the same architecture receiving the average (gradients are disabled on it).
+        decay: EMA decay in [0, 1] (SegDiff: 0.9999); 0 makes the EMA a copy of the latest weights.
+
+    ``state_dict()`` holds the number of updates, so a resumed run continues the count (the weights themselves are
+    saved with the networks).
+    """
+
+    def __init__(self, network: nn.Module, ema_network: nn.Module, decay: float = 0.9999) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        source = dict(network.named_parameters())
+        target = dict(ema_network.named_parameters())
+        if source.keys() != target.keys() or any(source[k].shape != target[k].shape for k in source):
+            raise ValueError("the EMA network must have the same parameters (names and shapes) as the trained network")
+        if any(p is target[k] for k, p in source.items()):
+            raise ValueError("the EMA network shares parameters with the trained network; pass a copy")
+        self.network = network
+        self.ema_network = ema_network.requires_grad_(False)
+        self.decay = float(decay)
+        self.num_updates = 0
+        self._average = get_ema_multi_avg_fn(self.decay)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the EMA parameters towards the trained ones and copy the buffers (e.g. norm statistics)."""
+        ema_params = [p for p in self.ema_network.parameters()]
+        params = [p.detach().to(ema_params[0].device) for p in self.network.parameters()]
+        if ema_params:
+            self._average(ema_params, params, self.num_updates)
+        for ema_buffer, buffer in zip(self.ema_network.buffers(), self.network.buffers()):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, int | float]:
+        return {"num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: Mapping[str, int | float]) -> None:
+        self.num_updates = int(state["num_updates"])

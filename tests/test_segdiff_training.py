@@ -1,0 +1,108 @@
+"""SegDiff training step, EMA, and the method overlay composed with train/evaluate/inference configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundle.diffusion.eps_samplers import EpsDDIMSampler, EpsDDPMSampler
+from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
+from bundle.engines.ema import ExponentialMovingAverage, trainable_copy
+from bundle.engines.segdiff_trainer import SegDiffTrainer, eps_loss
+from bundle.networks.segdiff import SegDiffNetwork
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return SegDiffNetwork(num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                          image_size=16, rrdb_blocks=1, rrdb_features=8, rrdb_growth=4)
+
+
+def test_eps_loss_is_the_per_sample_sum_averaged_over_the_batch():
+    eps = torch.zeros(2, 1, 4, 4)
+    eps_hat = torch.ones(2, 1, 4, 4)
+    eps_hat[1] *= 2  # per-sample sums 16 and 64
+    assert eps_loss(eps, eps_hat).item() == pytest.approx(40.0)
+
+
+def test_ema_update_formula_and_checks():
+    net = _tiny()
+    ema_net = trainable_copy(net)
+    ema = ExponentialMovingAverage(net, ema_net, decay=0.9)
+    before = [p.detach().clone() for p in ema_net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update()
+    for old, new, trained in zip(before, ema_net.parameters(), net.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * trained)
+    assert ema.num_updates == 1 and not any(p.requires_grad for p in ema_net.parameters())
+    with pytest.raises(ValueError, match="shares parameters"):
+        ExponentialMovingAverage(net, net)
+    with pytest.raises(ValueError, match="decay"):
+        ExponentialMovingAverage(net, trainable_copy(net), decay=1.5)
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_trainer_steps_the_optimiser_and_the_ema(decay):
+    net = _tiny()
+    ema_net = trainable_copy(net)
+    initial = [p.detach().clone() for p in net.parameters()]
+    data = [{"image": torch.randn(2, 3, 16, 16), "label": torch.randint(0, 2, (2, 1, 16, 16)).float() * 2 - 1}] * 2
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    trainer = SegDiffTrainer(
+        device="cpu", max_epochs=1, train_data_loader=data, network=net, optimizer=optimizer,
+        scheduler=make_segdiff_scheduler(100), ema=ExponentialMovingAverage(net, ema_net, decay=decay),
+    )
+    trainer.run()
+    assert trainer.state.iteration == 2 and trainer.ema.num_updates == 2
+    assert trainer.state.output["loss"].item() > 0
+    moved = [not torch.equal(a, b) for a, b in zip(initial, net.parameters())]
+    assert sum(moved) > len(moved) // 2  # the optimiser changed the trained weights
+    reference = initial if decay == 1.0 else list(net.parameters())  # decay 1: EMA frozen; 0: EMA = latest
+    for a, b in zip(ema_net.parameters(), reference):
+        torch.testing.assert_close(a, b)
+
+
+def _parse(files, **overrides):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in files])
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def test_overlay_composes_with_train_evaluate_and_inference(tmp_path):
+    train = _parse(["train.yaml", "methods/segdiff.yaml", "evaluate.yaml"], bundle_root=str(tmp_path))
+    assert train["train#trainer#_target_"].endswith("SegDiffTrainer")
+    assert train["train#checkpointer#model"] == "@network"  # model.pt holds the EMA weights
+    assert train["train#preprocessing_random"]["_target_"] == "Compose"  # train.yaml's data pipeline is kept
+    network, trained = train.get_parsed_content("network"), train.get_parsed_content("train_network")
+    ema = train.get_parsed_content("ema")
+    assert ema.ema_network is network and ema.network is trained and network is not trained
+    assert isinstance(train.get_parsed_content("sampler"), EpsDDIMSampler)
+    assert train.get_parsed_content("validate#inferer").num_generations == train["num_generations"]
+    metric_names = train["evaluate#handlers"][3]["metric_names"]
+    assert {"wcov", "boundary_f", "calibration"} <= set(metric_names) <= set(train["evaluate#metrics"])
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+
+    with pytest.warns(UserWarning, match=r"\+train"):  # no train section to merge into: copied, unused
+        inference = _parse(["inference.yaml", "methods/segdiff.yaml"], bundle_root=str(tmp_path))
+    inference["sampling_method"] = "ddpm"
+    served = inference.get_parsed_content("network")
+    served.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert isinstance(served, SegDiffNetwork)
+    assert isinstance(inference.get_parsed_content("sampler"), EpsDDPMSampler)
+    inferer = inference.get_parsed_content("inferer")
+    assert inferer.sampler.num_train_timesteps == 100 and inferer.num_generations == inference["num_generations"]
