@@ -106,3 +106,12 @@ def test_overlay_composes_with_train_evaluate_and_inference(tmp_path):
     assert isinstance(inference.get_parsed_content("sampler"), EpsDDPMSampler)
     inferer = inference.get_parsed_content("inferer")
     assert inferer.sampler.num_train_timesteps == 100 and inferer.num_generations == inference["num_generations"]
+
+
+def test_paper_overlay_sets_the_reference_protocol():
+    paper = _parse(["train.yaml", "methods/segdiff.yaml", "paper/segdiff_monuseg.yaml"])
+    assert paper["network_def#num_channels"] == 128 and paper["network_def#rrdb_blocks"] == 12
+    assert paper["num_generations"] == 9 and paper["ema_decay"] == 0.9999
+    sampler = paper.get_parsed_content("sampler")
+    assert isinstance(sampler, EpsDDPMSampler) and len(sampler.timesteps) == 100 and not sampler.clip_sample
+    assert sampler.variance(99) == pytest.approx(0.2)  # fixed-large: sigma^2 = beta_T
