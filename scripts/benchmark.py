@@ -278,8 +278,9 @@ def markdown_section(result: dict) -> str:
         f"## {result['date']}: {machine['cpu']}, {machine['logical_cores']} logical cores, torch {machine['torch']} "
         f"({machine['torch_threads']} threads)",
         "",
-        f"Command: `{result['command']}`. fp32 matmul peak measured by the script: **{peak:.1f} GFLOP/s** at the "
-        f"start, {result['matmul_peak_gflops_end']:.1f} at the end. One {size}x{size} image per row. Load average "
+        f"Command: `{result['command']}`. fp32 matmul peak measured by the script (best of the start and the end): "
+        f"**{peak:.1f} GFLOP/s** ({result['matmul_peak_gflops_start']:.1f} at the start, "
+        f"{result['matmul_peak_gflops_end']:.1f} at the end). One {size}x{size} image per row. Load average "
         f"(1/5/15 min) {fmt_load(machine['load_average_start'])} at the start and "
         f"{fmt_load(machine['load_average_end'])} at the end (above 0: other jobs shared the cores).",
         "",
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "python scripts/benchmark.py "
                     + " ".join(argv if argv is not None else sys.argv[1:]), "machine": machine,
                     "image_size": args.size}
-    peak = result["matmul_peak_gflops"] = measure_matmul_peak()
+    peak = result["matmul_peak_gflops"] = result["matmul_peak_gflops_start"] = measure_matmul_peak()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {machine['cpu']} ({machine['torch_threads']} threads)", flush=True)
     rows: list[Row] = []
     for method in args.methods:
@@ -363,13 +364,19 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{r.gflops_project_cpu:6.1f} GFLOP/s ({r.percent_of_peak_project_cpu:.0f} % of peak)", flush=True)
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             rows += new
-    result["rows"] = [asdict(r) for r in rows]
     result["end_to_end"] = []
     if "cdal" in args.methods and "cpu" in args.profiles and not args.no_end_to_end:
         result["end_to_end"].append(end_to_end_check("cpu", args.size, args.repeats))
         print(f"end-to-end check: {result['end_to_end'][-1]}", flush=True)
     machine["load_average_end"] = list(os.getloadavg())
     result["matmul_peak_gflops_end"] = measure_matmul_peak()
+    best = max(peak, result["matmul_peak_gflops_end"])
+    if best > peak:  # a busy start under-measures the peak: report against the best of the two measurements
+        result["matmul_peak_gflops"] = peak = best
+        for row in rows:
+            row.percent_of_peak_naive = 100 * row.gflops_naive / peak
+            row.percent_of_peak_project_cpu = 100 * row.gflops_project_cpu / peak
+    result["rows"] = [asdict(r) for r in rows]
     out = args.json or REPO / "eval" / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -53,9 +53,9 @@ class ExponentialMovingAverage:
     @torch.no_grad()
     def update(self) -> None:
         """Move the EMA parameters towards the trained ones and copy the buffers (e.g. norm statistics)."""
-        ema_params = [p for p in self.ema_network.parameters()]
-        params = [p.detach().to(ema_params[0].device) for p in self.network.parameters()]
+        ema_params = list(self.ema_network.parameters())
         if ema_params:
+            params = [p.detach().to(e.device) for p, e in zip(self.network.parameters(), ema_params)]
             self._average(ema_params, params, self.num_updates)
         for ema_buffer, buffer in zip(self.ema_network.buffers(), self.network.buffers()):
             ema_buffer.copy_(buffer)
