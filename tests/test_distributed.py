@@ -1,4 +1,5 @@
-"""Real two-process training under torchrun (gloo on CPU) with the multi-GPU overlay."""
+"""Real two-process training under torchrun (gloo on CPU) with the multi-GPU overlay: cDAL (train.yaml) and SegDiff
+(methods/segdiff.yaml: DDP-wrapped trained network, plain EMA network)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,29 @@ RANK_WEIGHTS = """
 finalize:
   - "$torch.save(bundle.diffusion.samplers.unwrap_network(@network).state_dict(), @output_dir + '/rank_' + os.environ['RANK'] + '.pt')"
 """
+SEGDIFF_OVERRIDES = {**OVERRIDES, "sampling_steps": 2}
+SEGDIFF_RANK_WEIGHTS = """
+finalize:
+  - >-
+    $torch.save({'network': bundle.diffusion.samplers.unwrap_network(@network).state_dict(),
+    'train_network': bundle.diffusion.samplers.unwrap_network(@train_network).state_dict(),
+    'network_is_ddp': isinstance(@network, torch.nn.parallel.DistributedDataParallel),
+    'train_network_is_ddp': isinstance(@train_network, torch.nn.parallel.DistributedDataParallel)},
+    @output_dir + '/rank_' + os.environ['RANK'] + '.pt')
+"""
+
+
+def _torchrun(root: Path, configs: list[Path], overrides: dict) -> Path:
+    """Run ``training`` with two gloo processes under torchrun in ``root`` (the bundle root); returns ``root``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "monai.bundle", "run", "training", "--config_file", "[" + ",".join(f"'{f}'" for f in configs) + "]",
+           "--bundle_root", str(root), "--dataset_dir", str(root / "data")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +56,16 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     extra = root / "rank_weights.yaml"
     extra.write_text(RANK_WEIGHTS)
-    files = [CONFIGS / "train.yaml", CONFIGS / "multi_gpu_train.yaml", extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "monai.bundle", "run", "training", "--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]",
-           "--bundle_root", str(root), "--dataset_dir", str(root / "data")]
-    for key, value in OVERRIDES.items():
-        cmd += [f"--{key}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return root
+    return _torchrun(root, [CONFIGS / "train.yaml", CONFIGS / "multi_gpu_train.yaml", extra], OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def segdiff_ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_segdiff")
+    extra = root / "rank_weights.yaml"
+    extra.write_text(SEGDIFF_RANK_WEIGHTS)
+    configs = [CONFIGS / "train.yaml", CONFIGS / "methods" / "segdiff.yaml", CONFIGS / "multi_gpu_train.yaml", extra]
+    return _torchrun(root, configs, SEGDIFF_OVERRIDES)
 
 
 def test_two_ranks_end_cleanly_with_one_checkpoint_and_one_mlflow_run(ddp_run):
@@ -83,3 +107,56 @@ def test_two_rank_validation_metric_equals_single_process_value(ddp_run):
     single = float(evaluator.state.metrics["val_dice"])
     print(f"val_dice: 2 ranks {ddp_value['best_metric']:.6f}, 1 process {single:.6f}")
     assert single == pytest.approx(ddp_value["best_metric"], abs=1e-6)
+
+
+def _mlflow_runs_and_metric_keys(root: Path) -> tuple[list, set[str]]:
+    with sqlite3.connect(root / "mlruns.db") as db:
+        runs = db.execute("select run_uuid, status from runs").fetchall()
+        keys = {k for (k,) in db.execute("select distinct key from metrics")}
+    return runs, keys
+
+
+def test_segdiff_two_ranks_end_cleanly_with_one_checkpoint_and_one_mlflow_run(segdiff_ddp_run):
+    models = segdiff_ddp_run / "models"
+    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*.pt")) == ["checkpoints/last.pt", "model.pt"]
+    assert not list(models.rglob("*.tmp"))
+    runs, keys = _mlflow_runs_and_metric_keys(segdiff_ddp_run)
+    assert len(runs) == 1 and runs[0][1] == "FINISHED"
+    assert {"loss", "val_dice"} <= keys
+    last = torch.load(models / "checkpoints" / "last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == 10 and last["ema"]["num_updates"] == 10
+    for name in ("network", "ema_network"):
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in last[name])  # saved without wrappers
+    model = torch.load(models / "model.pt", weights_only=True)
+    assert model.keys() == last["ema_network"].keys()
+
+
+def test_segdiff_trained_network_is_ddp_and_every_rank_holds_the_saved_weights(segdiff_ddp_run):
+    last = torch.load(segdiff_ddp_run / "models" / "checkpoints" / "last.pt", weights_only=True)
+    ranks = [torch.load(segdiff_ddp_run / "eval" / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
+    for weights in ranks:
+        assert weights["train_network_is_ddp"] and not weights["network_is_ddp"]  # the EMA stays a plain module
+        for saved, held in ((last["network"], weights["train_network"]), (last["ema_network"], weights["network"])):
+            assert held.keys() == saved.keys()
+            for key in saved:
+                torch.testing.assert_close(held[key], saved[key], rtol=0, atol=0)
+    trained, ema = ranks[0]["train_network"], ranks[0]["network"]
+    assert any(not torch.equal(trained[k], ema[k]) for k in trained)  # the EMA lags the trained weights
+
+
+def test_segdiff_two_rank_validation_metric_equals_single_process_value(segdiff_ddp_run):
+    """SegDiff's val_dice (EMA network, 2 + 1 images on 2 ranks) equals one process validating all 3 images."""
+    last = torch.load(segdiff_ddp_run / "models" / "checkpoints" / "last.pt", weights_only=True)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "methods" / "segdiff.yaml")])
+    parser.update({"bundle_root": str(segdiff_ddp_run), "dataset_dir": str(segdiff_ddp_run / "data"),
+                   **SEGDIFF_OVERRIDES})
+    parser["validate#handlers"] = []  # no MLflow run or panels for this check
+    parser.get_parsed_content("network").load_state_dict(last["ema_network"])
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert len(evaluator.data_loader.dataset) == 3
+    evaluator.run()
+    single = float(evaluator.state.metrics["val_dice"])
+    ddp_value = last["checkpointer"]["best_metric"]
+    print(f"segdiff val_dice: 2 ranks {ddp_value:.6f}, 1 process {single:.6f}")
+    assert single == pytest.approx(ddp_value, abs=1e-6)

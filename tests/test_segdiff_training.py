@@ -7,8 +7,10 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle.diffusion.eps_samplers import EpsDDIMSampler, EpsDDPMSampler
+from bundle.diffusion.samplers import unwrap_network
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
 from bundle.engines.ema import ExponentialMovingAverage, trainable_copy
+from bundle.engines.fast_paths import prepare_network
 from bundle.engines.segdiff_trainer import SegDiffTrainer, eps_loss
 from bundle.networks.segdiff import SegDiffNetwork
 
@@ -54,6 +56,39 @@ def test_ema_update_formula_and_checks():
         ExponentialMovingAverage(net, trainable_copy(net), decay=1.5)
 
 
+def test_ema_of_a_ddp_channels_last_network_starts_equal_and_stays_plain(tmp_path):
+    """The trained network as prepare_network leaves it under torchrun (DDP, here one gloo rank, NHWC weights): the
+    EMA reads the module inside, takes its weights when built (the ranks' EMAs then start from rank 0's) and
+    averages towards them; the EMA network itself stays a plain module."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ema_net = _tiny()
+        with torch.no_grad():
+            for p in ema_net.parameters():
+                p.add_(1.0)  # this rank built a different network
+        torch.manual_seed(1)
+        trained = prepare_network(_tiny(), "cpu", channels_last=True, distributed=True)
+        assert isinstance(trained, torch.nn.parallel.DistributedDataParallel)
+        ema = ExponentialMovingAverage(trained, ema_net, decay=0.5)
+        module = unwrap_network(trained)
+        assert ema.module is module and ema.ema_network is ema_net
+        for a, b in zip(ema_net.parameters(), module.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        data = [{"image": torch.randn(2, 3, 16, 16), "label": torch.randint(0, 2, (2, 1, 16, 16)).float() * 2 - 1}]
+        before = [p.detach().clone() for p in ema_net.parameters()]
+        trainer = SegDiffTrainer(
+            device="cpu", max_epochs=1, train_data_loader=data, network=trained,
+            optimizer=torch.optim.AdamW(trained.parameters(), lr=1e-3), scheduler=make_segdiff_scheduler(100), ema=ema,
+        )
+        trainer.run()
+        assert ema.num_updates == 1
+        for old, new, p in zip(before, ema_net.parameters(), module.parameters()):
+            torch.testing.assert_close(new, 0.5 * old + 0.5 * p)
+        assert not any(k.startswith("module.") for k in ema_net.state_dict())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("decay", [0.0, 1.0])
 def test_trainer_steps_the_optimiser_and_the_ema(decay):
     net = _tiny()
@@ -91,6 +126,7 @@ def test_overlay_composes_with_train_evaluate_and_inference(tmp_path):
     network, trained = train.get_parsed_content("network"), train.get_parsed_content("train_network")
     ema = train.get_parsed_content("ema")
     assert ema.ema_network is network and ema.network is trained and network is not trained
+    assert unwrap_network(trained) is trained  # single process, no fast paths: a plain copy
     assert isinstance(train.get_parsed_content("sampler"), EpsDDIMSampler)
     assert train.get_parsed_content("validate#inferer").num_generations == train["num_generations"]
     (metric_names,) = [h["metric_names"] for h in train["evaluate#handlers"] if "metric_names" in h]
@@ -115,3 +151,42 @@ def test_paper_overlay_sets_the_reference_protocol():
     sampler = paper.get_parsed_content("sampler")
     assert isinstance(sampler, EpsDDPMSampler) and len(sampler.timesteps) == 100 and not sampler.clip_sample
     assert sampler.variance(99) == pytest.approx(0.2)  # fixed-large: sigma^2 = beta_T
+
+
+def test_single_process_training_saves_plain_state_dicts_and_resumes(tmp_path):
+    """train.yaml + segdiff.yaml in one process: the EMA network is validated and saved as model.pt, last.pt holds
+    both networks and the EMA count, and a resumed run continues them."""
+    small = {
+        "bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "data"), "val_fraction": 0.25,
+        "dataset_root": "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=8, num_test=1,"
+                        " size=128, seed=0)",
+        "image_size": 64, "batch_size": 2, "epoch_length": 2, "max_epochs": 2, "val_interval": 2,
+        "num_generations": 1, "sampling_steps": 2,
+    }
+
+    def run(**overrides):
+        parser = _parse(["train.yaml", "methods/segdiff.yaml"], **{**small, **overrides})
+        parser["train#handlers"] = parser["train#handlers"][:2]  # validation and checkpoints; no MLflow or logs
+        parser["validate#handlers"] = []
+        parser.get_parsed_content("training")
+        return parser
+
+    first = run()
+    last_path = tmp_path / "models" / "checkpoints" / "last.pt"
+    last = torch.load(last_path, weights_only=True)
+    assert last["trainer"]["iteration"] == 4 and last["ema"]["num_updates"] == 4
+    assert last["checkpointer"]["best_epoch"] == 2
+    model = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    for key, value in first.get_parsed_content("network").state_dict().items():
+        torch.testing.assert_close(model[key], value, rtol=0, atol=0)  # model.pt: the validated EMA weights
+        torch.testing.assert_close(last["ema_network"][key], value, rtol=0, atol=0)
+    assert last["network"].keys() == model.keys()
+
+    resumed = run(resume=True, max_epochs=3)
+    trained = resumed.get_parsed_content("train_network")
+    assert resumed.get_parsed_content("ema").num_updates == 6
+    after = torch.load(last_path, weights_only=True)
+    assert after["trainer"]["iteration"] == 6 and after["ema"]["num_updates"] == 6
+    assert all(s["step"] == 6 for s in after["optimizer"]["state"].values())  # the optimiser state was restored
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(after["network"][key], value, rtol=0, atol=0)

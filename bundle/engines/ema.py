@@ -1,9 +1,12 @@
 """Exponential moving average (EMA) of a network's weights, kept in a second network of the same class.
 
 The bundle's ``network`` (validated, saved as ``models/model.pt``, loaded by evaluate/inference) holds the EMA
-weights; the optimiser trains ``trainable_copy(network)``. After every optimiser step
-``ema <- decay * ema + (1 - decay) * trained`` for the parameters (``torch.optim.swa_utils.get_ema_multi_avg_fn``,
-the update of ``AveragedModel``), and the buffers are copied. Both networks start equal, as in improved-diffusion.
+weights; the optimiser trains ``trainable_copy(network)``, put on its device by ``prepare_network`` (so it may be
+wrapped in ``DistributedDataParallel`` and/or ``torch.compile``; the EMA network stays a plain module). After every
+optimiser step ``ema <- decay * ema + (1 - decay) * trained`` for the parameters
+(``torch.optim.swa_utils.get_ema_multi_avg_fn``, the update of ``AveragedModel``), and the buffers are copied.
+Both networks start equal, as in improved-diffusion: the EMA takes the trained network's weights when it is built,
+which under DDP are rank 0's (DDP broadcasts them when it wraps the network), so every rank holds the same EMA.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from bundle.diffusion.samplers import unwrap_network
 
 __all__ = ["ExponentialMovingAverage", "trainable_copy"]
 
@@ -27,38 +32,60 @@ class ExponentialMovingAverage:
     """EMA of ``network``'s parameters in ``ema_network``; call ``update()`` after each optimiser step.
 
     Args:
-        network: the trained network.
-        ema_network: a network of the same architecture receiving the average (gradients are disabled on it).
+        network: the trained network, plain or wrapped in DDP / ``torch.compile`` (the average reads the module
+            inside, ``unwrap_network(network)``).
+        ema_network: a plain network of the same architecture receiving the average (gradients are disabled on
+            it).
         decay: EMA decay in [0, 1] (SegDiff: 0.9999); 0 makes the EMA a copy of the latest weights.
+        start_equal: copy ``network``'s parameters and buffers into ``ema_network`` now. Under DDP this makes
+            every rank's EMA start from the same (rank 0's) weights even where the ranks built their networks
+            from different seeds. A resumed run then loads both networks from the checkpoint.
 
     ``state_dict()`` holds the number of updates, so a resumed run continues the count (the weights themselves are
     saved with the networks).
     """
 
-    def __init__(self, network: nn.Module, ema_network: nn.Module, decay: float = 0.9999) -> None:
+    def __init__(
+        self, network: nn.Module, ema_network: nn.Module, decay: float = 0.9999, start_equal: bool = True
+    ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        source = dict(network.named_parameters())
+        module = unwrap_network(network)
+        source = dict(module.named_parameters())
         target = dict(ema_network.named_parameters())
         if source.keys() != target.keys() or any(source[k].shape != target[k].shape for k in source):
             raise ValueError("the EMA network must have the same parameters (names and shapes) as the trained network")
         if any(p is target[k] for k, p in source.items()):
             raise ValueError("the EMA network shares parameters with the trained network; pass a copy")
         self.network = network
+        self.module = module
         self.ema_network = ema_network.requires_grad_(False)
         self.decay = float(decay)
         self.num_updates = 0
         self._average = get_ema_multi_avg_fn(self.decay)
+        if start_equal:
+            self.copy_weights()
+
+    @torch.no_grad()
+    def copy_weights(self) -> None:
+        """Set the EMA network's parameters and buffers to the trained network's."""
+        for ema_tensor, tensor in zip(self.ema_network.parameters(), self.module.parameters()):
+            ema_tensor.copy_(tensor)
+        self._copy_buffers()
+
+    @torch.no_grad()
+    def _copy_buffers(self) -> None:
+        for ema_buffer, buffer in zip(self.ema_network.buffers(), self.module.buffers()):
+            ema_buffer.copy_(buffer)
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the EMA parameters towards the trained ones and copy the buffers (e.g. norm statistics)."""
         ema_params = list(self.ema_network.parameters())
         if ema_params:
-            params = [p.detach().to(e.device) for p, e in zip(self.network.parameters(), ema_params)]
+            params = [p.detach().to(e.device) for p, e in zip(self.module.parameters(), ema_params)]
             self._average(ema_params, params, self.num_updates)
-        for ema_buffer, buffer in zip(self.ema_network.buffers(), self.network.buffers()):
-            ema_buffer.copy_(buffer)
+        self._copy_buffers()
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, int | float]:

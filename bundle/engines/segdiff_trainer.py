@@ -45,7 +45,8 @@ class SegDiffTrainer(Trainer):
         max_epochs: epochs to train.
         train_data_loader: batches with ``image`` (B, C_img, H, W), normalised, and ``label`` (B, C, H, W) in
             {-1, 1}.
-        network: the trained network, ``forward(x_t, t, image=...)`` -> eps (``SegDiffNetwork``).
+        network: the trained network, ``forward(x_t, t, image=...)`` -> eps (``SegDiffNetwork``), plain or as
+            ``prepare_network`` returns it (DDP / ``torch.compile``: DDP averages the gradients over the ranks).
         optimizer: optimiser of ``network`` (AdamW in the reference).
         scheduler: MONAI scheduler holding the schedule (``make_segdiff_scheduler``).
         ema: the EMA of ``network`` (updated after each step); None trains without EMA.
