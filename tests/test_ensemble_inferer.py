@@ -114,3 +114,34 @@ def test_seeded_noise_follows_the_image_not_the_batch():
     # after other calls, the same image still gets the same noise (no dependence on call order)
     inferer(named(b, ["b.tif"]), net)
     torch.testing.assert_close(inferer(named(a, ["a.tif"]), net), alone)
+
+
+def test_bf16_autocast_runs_the_network_in_bf16_and_keeps_the_sampler_in_fp32():
+    net, images = _generator(), torch.randn(2, 3, 16, 16)
+    conv_dtypes, head_dtypes = set(), []
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, i, o: conv_dtypes.add(o.dtype))
+    net.register_forward_hook(lambda m, i, o: head_dtypes.append((i[0].dtype, o.dtype)))
+    full = _inferer(num_generations=3, outputs=("mean", "samples")).ensemble(images, net, _generators(6))
+    assert conv_dtypes == {torch.float32}
+    conv_dtypes.clear(), head_dtypes.clear()
+    half = _inferer(num_generations=3, outputs=("mean", "samples"), autocast="bfloat16").ensemble(
+        images, net, _generators(6)
+    )
+    assert conv_dtypes == {torch.bfloat16}
+    # the sampler hands the network fp32 states at every step (the network's bf16 output is cast back)
+    assert head_dtypes and all(x == torch.float32 for x, _ in head_dtypes)
+    assert half["mean"].dtype == torch.float32
+    # same noise, reduced precision: close to the fp32 ensemble, not equal to it
+    diff = (half["samples"] - full["samples"]).abs()
+    assert 0 < diff.max() < 0.05
+    assert diff.mean() < 0.01
+
+
+def test_autocast_argument_is_validated():
+    assert _inferer(autocast=True).autocast == torch.bfloat16
+    assert _inferer(autocast="fp16").autocast == torch.float16
+    assert _inferer(autocast=False).autocast is None
+    with pytest.raises(ValueError, match="autocast"):
+        _inferer(autocast="int8")

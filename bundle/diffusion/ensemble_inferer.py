@@ -4,7 +4,8 @@
 probability (B, C, H, W) in [0, 1], and on request a dict that adds the per-pixel uncertainty (standard deviation
 of the generations' probabilities) and the samples themselves. The image encoder runs once per image; the N
 generations of an image run as one batch (optionally in chunks of ``generation_batch_size``).
-With ``roi_size`` it tiles the input through MONAI's ``SlidingWindowInferer`` (MoNuSeg protocol: a 512x512 image
+With ``autocast`` the network forwards run in reduced precision (bf16 on CPUs with AMX/AVX-512 BF16 and on recent
+GPUs) while the sampler's arithmetic stays fp32. With ``roi_size`` it tiles the input through MONAI's ``SlidingWindowInferer`` (MoNuSeg protocol: a 512x512 image
 as four non-overlapping 256x256 tiles) and stitches the tiles.
 """
 
@@ -22,6 +23,50 @@ from torch import nn
 from bundle.diffusion.samplers import DiffusionSampler, unwrap_network
 
 OUTPUT_KEYS = ("mean", "uncertainty", "samples")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def autocast_dtype(value: str | torch.dtype | bool | None) -> torch.dtype | None:
+    """``None``/``False``: full precision; ``True`` or "bfloat16"/"bf16": bf16; "float16"/"fp16": fp16."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return torch.bfloat16
+    if isinstance(value, torch.dtype):
+        if value not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast dtype must be bfloat16 or float16, got {value}")
+        return value
+    if str(value).lower() not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {value!r}")
+    return AUTOCAST_DTYPES[str(value).lower()]
+
+
+class AutocastNetwork(nn.Module):
+    """Runs a conditional diffusion network's ``encode_image`` and ``forward`` under ``torch.autocast`` and hands
+    the predictions back in fp32, so a sampler's update arithmetic is not done in the reduced precision."""
+
+    def __init__(self, network: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.network = network
+        self.dtype = dtype
+        inner = unwrap_network(network)
+        for name in ("label_channels", "nz"):  # attributes the samplers read
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def _autocast(self, like: torch.Tensor) -> torch.autocast:
+        return torch.autocast(device_type=like.device.type, dtype=self.dtype)
+
+    def encode_image(self, image: torch.Tensor):
+        with self._autocast(image):
+            features = unwrap_network(self.network).encode_image(image)
+        # fp32 features: samplers draw their noise like the condition, and the network re-casts under autocast
+        return features.float() if torch.is_tensor(features) and features.is_floating_point() else features
+
+    def forward(self, x_t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with self._autocast(x_t):
+            out = self.network(x_t, *args, **kwargs)
+        return out.float()
 
 
 def samples_to_probability(samples: torch.Tensor) -> torch.Tensor:
@@ -42,6 +87,8 @@ class EnsembleDiffusionInferer(Inferer):
         sw_batch_size: tiles per sliding-window batch.
         overlap: sliding-window overlap (0 for the MoNuSeg protocol).
         generation_batch_size: most rows (image x generation) per network call; None runs all at once.
+        autocast: run the network forwards under ``torch.autocast`` in this dtype ("bfloat16" / "float16";
+            None or False: full precision). The noise, the sampler updates and the averaging stay fp32.
         seed: seed of the noise. With a seed, the noise of an image is a function of the seed and the image's file
             name (``filename_or_obj`` in the input's metadata), so an image gets the same generations whatever
             batch, rank or order it comes in (tiles of one call share that image's stream); inputs without a
@@ -59,6 +106,7 @@ class EnsembleDiffusionInferer(Inferer):
         overlap: float = 0.0,
         generation_batch_size: int | None = None,
         seed: int | None = None,
+        autocast: str | torch.dtype | bool | None = None,
     ) -> None:
         super().__init__()
         if num_generations < 1:
@@ -77,6 +125,7 @@ class EnsembleDiffusionInferer(Inferer):
             else SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="constant")
         )
         self.seed = seed
+        self.autocast = autocast_dtype(autocast)
         self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     def noise_stream(self, inputs: torch.Tensor) -> torch.Generator | None:
@@ -120,6 +169,8 @@ class EnsembleDiffusionInferer(Inferer):
             generators = self._row_generators(batch * n, images.device, stream)
         if len(generators) != batch * n:
             raise ValueError(f"need {batch * n} generators (batch {batch} x {n} generations), got {len(generators)}")
+        if self.autocast is not None:
+            network = AutocastNetwork(network, self.autocast)
         condition = self.sampler.encode(network, images)
         condition = condition.repeat_interleave(n, dim=0)
         chunk = self.generation_batch_size or batch * n
