@@ -39,6 +39,7 @@ class SliceEnsembleInferer(Inferer):
     Args:
         sampler, num_generations, label_channels, outputs, generation_batch_size, seed: as
             ``EnsembleDiffusionInferer`` (which runs on each batch of 2-D windows).
+        autocast: reduced-precision network forwards, as ``EnsembleDiffusionInferer``.
         roi_size: 2-D window (H, W) slid over each slice (the training crop size, 32x32 for Hippocampus).
         overlap: window overlap in-plane (0.75 in the reference protocol).
         sw_batch_size: 2-D windows per network batch (each runs ``num_generations`` rows).
@@ -60,13 +61,14 @@ class SliceEnsembleInferer(Inferer):
         spatial_dim: int = 2,
         generation_batch_size: int | None = None,
         seed: int | None = None,
+        autocast: str | torch.dtype | bool | None = None,
     ) -> None:
         super().__init__()
         if len(roi_size) != 2:
             raise ValueError(f"roi_size must be a 2-D window (H, W), got {roi_size}")
         self.ensemble = EnsembleDiffusionInferer(
             sampler, num_generations=num_generations, label_channels=label_channels, outputs=outputs,
-            roi_size=None, generation_batch_size=generation_batch_size, seed=seed,
+            roi_size=None, generation_batch_size=generation_batch_size, seed=seed, autocast=autocast,
         )
         self.slicer = SliceInferer(
             spatial_dim=spatial_dim, roi_size=tuple(int(s) for s in roi_size), sw_batch_size=sw_batch_size,
@@ -97,7 +99,7 @@ def onehot_to_label_map(onehot: torch.Tensor | np.ndarray, first_class: int = 1)
 
 def save_label_volume(
     label_map: np.ndarray, affine: np.ndarray, reference_path: str | os.PathLike, output_path: str | os.PathLike,
-    overwrite: bool = False,
+    overwrite: bool = False, dtype: type | np.dtype = np.uint8,
 ) -> Path:
     """Write a label map computed in a reoriented space back in the voxel order of ``reference_path``.
 
@@ -108,6 +110,7 @@ def save_label_volume(
         reference_path: the input NIfTI image; its affine and header are copied (data type uint8).
         output_path: ``.nii.gz`` (or ``.nii``) file to write, atomically.
         overwrite: replace an existing file.
+        dtype: stored data type (uint8 for labels; float32 for a map such as the ensemble's uncertainty).
 
     Raises:
         ValueError: the label map does not map onto the reference grid by an axis permutation/flip (the message
@@ -131,8 +134,8 @@ def save_label_volume(
     if output_path.exists() and not overwrite:
         raise FileExistsError(f"{output_path}: exists already; pass '--overwrite true' or another output folder")
     header = reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    image = nib.Nifti1Image(np.ascontiguousarray(restored.astype(np.uint8)), reference.affine, header)
+    header.set_data_dtype(dtype)
+    image = nib.Nifti1Image(np.ascontiguousarray(restored.astype(dtype)), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if output_path.name.endswith(".gz") else ".nii"

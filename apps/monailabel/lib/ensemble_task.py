@@ -1,0 +1,172 @@
+"""MONAI Label infer task for the bundle's diffusion ensembles.
+
+``EnsembleBundleInferTask`` is MONAI Label's own ``BundleInferTask`` (which reads the exported bundle's
+``configs/inference.yaml``: ``network_def``, ``preprocessing``, ``inferer``, ``postprocessing``, ``device``) with
+what annotators need beside the mask:
+
+- ``num_generations`` per request (the ensemble size N; the bundle's value, the few-step cDAL default of 5, when
+  the request does not say), validated;
+- the uncertainty map (per-pixel standard deviation of the generations) written next to the label: a float32
+  TIFF for 2-D tiles, a float32 NIfTI in the input's voxel grid for volumes; the app stores it in the datastore
+  under the label tag ``uncertainty`` (see ``main.py``) and the result JSON carries its summary;
+- the label written as an 8-bit PNG (2-D; 0 background, 1 foreground) or a uint8 NIfTI with the input's affine
+  and header (3-D), instead of MONAI Label's default ITK writer, which transposes 2-D arrays;
+- input checks that end in ``MONAILabelException(INVALID_INPUT)`` with the file and the problem named: an image
+  that the model's preprocessing cannot read, or one of the wrong dimensionality.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.tasks.infer.bundle import BundleInferTask
+
+logger = logging.getLogger(__name__)
+
+MAX_GENERATIONS = 64
+
+
+def _invalid(message: str) -> MONAILabelException:
+    return MONAILabelException(MONAILabelError.INVALID_INPUT, message)
+
+
+def _array(value: Any) -> np.ndarray:
+    if torch.is_tensor(value):
+        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _temp_file(suffix: str) -> str:
+    """A new path in the temp folder (not created: the writers refuse to replace files)."""
+    handle, path = tempfile.mkstemp(prefix="diffseg_", suffix=suffix)
+    os.close(handle)
+    os.remove(path)
+    return path
+
+
+def _with_generations(inferer: Any, generations: int) -> Any:
+    """A shallow copy of the bundle's inferer with another ensemble size (the cached one is left alone)."""
+    inferer = copy.copy(inferer)
+    if hasattr(inferer, "ensemble") and hasattr(inferer.ensemble, "num_generations"):  # SliceEnsembleInferer
+        inferer.ensemble = copy.copy(inferer.ensemble)
+        inferer.ensemble.num_generations = generations
+    elif hasattr(inferer, "num_generations"):  # EnsembleDiffusionInferer
+        inferer.num_generations = generations
+    else:
+        raise TypeError(f"{type(inferer).__name__} has no ensemble size to set")
+    return inferer
+
+
+class EnsembleBundleInferTask(BundleInferTask):
+    """``BundleInferTask`` plus per-request ensemble size, uncertainty output and input checks (module docstring)."""
+
+    def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(path, conf, **kwargs)
+        if not self.is_valid():
+            return
+        self.model_name = os.path.basename(os.path.normpath(path))
+        self.default_generations = int(self.bundle_config.get_parsed_content("num_generations"))
+        self.num_timesteps = int(self.bundle_config.get_parsed_content("num_timesteps"))
+        self._config.update({"num_generations": self.default_generations, "save_uncertainty": True})
+        self.description = (
+            f"{self.description or ''} Ensemble of {self.default_generations} generations by default "
+            f"({self.num_timesteps} sampling steps each); request option num_generations (1-{MAX_GENERATIONS}). "
+            "The uncertainty map is stored under the label tag 'uncertainty'."
+        ).strip()
+
+    # ----------------------------------------------------------------------------------------------- requests
+    def _generations(self, data: dict) -> int:
+        value = data.get("num_generations", self.default_generations) if data else self.default_generations
+        try:
+            generations = int(value)
+            if generations != float(value):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise _invalid(f"num_generations must be an integer, got {value!r}") from None
+        if not 1 <= generations <= MAX_GENERATIONS:
+            raise _invalid(f"num_generations must be between 1 and {MAX_GENERATIONS}, got {generations}")
+        return generations
+
+    def inferer(self, data=None):
+        return _with_generations(super().inferer(data), self._generations(data or {}))
+
+    def run_pre_transforms(self, data: dict[str, Any], transforms):
+        image = data.get("image_path") or data.get("image")
+        try:
+            data = super().run_pre_transforms(data, transforms)
+        except MONAILabelException:
+            raise
+        except Exception as err:  # noqa: BLE001 - the reader's own error, with the file and the model named
+            raise _invalid(f"model '{self.model_name}' cannot read {image} as a {self.dimension}-D image: {err}") from err
+        loaded = data.get(self.input_key)
+        if loaded is None or not hasattr(loaded, "ndim"):
+            raise _invalid(f"model '{self.model_name}': no image was loaded from {image}")
+        if loaded.ndim != self.dimension + 1:  # channel first
+            raise _invalid(
+                f"model '{self.model_name}' takes {self.dimension}-D images (channel-first shape of "
+                f"{self.dimension + 1} axes), but {image} loaded as shape {tuple(loaded.shape)} "
+                f"({loaded.ndim - 1}-D)"
+            )
+        return data
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        pred = _array(data[self.output_label_key])
+        if pred.ndim == self.dimension + 1:
+            pred = pred[0]
+        if pred.ndim != self.dimension:
+            raise MONAILabelException(
+                MONAILabelError.INFERENCE_ERROR, f"label of shape {pred.shape} for a {self.dimension}-D model"
+            )
+        label = np.rint(pred).astype(np.uint8)
+        image_path = data.get("image_path")
+        result: dict[str, Any] = {
+            "num_generations": self._generations(data),
+            "num_timesteps": self.num_timesteps,
+            "label_values": sorted(int(v) for v in np.unique(label)),
+        }
+        if self.dimension == 2:
+            from PIL import Image
+
+            label_file = _temp_file(".png")
+            Image.fromarray(label).save(label_file)
+        else:
+            label_file = self._save_volume(label, data, _temp_file(".nii.gz"), np.uint8)
+        uncertainty = data.get("uncertainty")
+        if uncertainty is not None and str(data.get("save_uncertainty", True)).lower() != "false":
+            u = _array(uncertainty).astype(np.float32)
+            if u.ndim == self.dimension + 1:
+                u = u[0]
+            if self.dimension == 2:
+                from PIL import Image
+
+                u_file = _temp_file(".tif")
+                Image.fromarray(u, mode="F").save(u_file)
+            else:
+                u_file = self._save_volume(u, data, _temp_file(".nii.gz"), np.float32)
+            result["uncertainty"] = {
+                "file": u_file, "mean": float(u.mean()), "max": float(u.max()),
+                "fraction_above_0.1": float((u > 0.1).mean()),
+                "definition": "standard deviation of the generations' foreground probabilities per pixel",
+            }
+        return label_file, result
+
+    def _save_volume(self, array: np.ndarray, data: dict[str, Any], path: str, dtype) -> str:
+        """A volume in the input's voxel grid with its affine and header (the postprocessing inverted the
+        reorientation; ``save_label_volume`` checks that the grids agree)."""
+        from bundle.engines.volume_evaluation import save_label_volume
+
+        reference = data.get("image_path")
+        affine = getattr(data.get(self.output_label_key), "affine", None)
+        if affine is None:
+            import nibabel as nib
+
+            affine = nib.load(reference).affine
+        return str(save_label_volume(array, _array(affine), reference, path, dtype=dtype))

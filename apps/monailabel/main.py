@@ -1,0 +1,99 @@
+"""MONAI Label app serving the bundle's diffusion segmentation models.
+
+Every folder under the app's ``model/`` directory (or the folder given by ``--conf bundles <dir>``) that holds an
+exported bundle (``scripts/export_monailabel_bundle.py``: ``configs/inference.yaml``, ``configs/metadata.json``,
+``models/model.pt``) becomes an infer model of the folder's name; those with ``configs/train.yaml`` can also be
+fine-tuned from the datastore's labelled images with MONAI Label's stock ``BundleTrainTask``.
+
+    monailabel start_server --app apps/monailabel --studies <images> --conf zoo_source github \\
+        --host 127.0.0.1 --port 8000 [--conf bundles <exported bundles>] [--conf models a,b]
+
+Errors a client causes come back as HTTP errors with a message: 404 for an image id the datastore does not hold,
+422 for an image the model cannot take (unreadable, wrong dimensionality) or a bad option; the server keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib.ensemble_task import EnsembleBundleInferTask  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+UNCERTAINTY_TAG = "uncertainty"
+
+
+class DiffusionSegmentationApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.bundles_dir = os.path.abspath(conf.get("bundles") or os.path.join(app_dir, "model"))
+        found = sorted(
+            d for d in os.listdir(self.bundles_dir)
+            if os.path.isfile(os.path.join(self.bundles_dir, d, "configs", "inference.yaml"))
+        ) if os.path.isdir(self.bundles_dir) else []
+        wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
+        unknown = [m for m in wanted if m != "all" and m not in found]
+        if unknown:
+            raise ValueError(f"--conf models: {unknown} not among the bundles in {self.bundles_dir}: {found}")
+        self.models = found if "all" in wanted else wanted
+        if not self.models:
+            raise ValueError(f"no exported bundles in {self.bundles_dir} (scripts/export_monailabel_bundle.py)")
+        super().__init__(
+            app_dir=app_dir, studies=studies, conf=conf, name="diffseg",
+            description="Diffusion segmentation ensembles (cDAL, SegDiff) with per-pixel uncertainty",
+            version="0.1.0",
+        )
+
+    def init_infers(self):
+        infers = {}
+        for name in self.models:
+            task = EnsembleBundleInferTask(os.path.join(self.bundles_dir, name), self.conf)
+            if not task.is_valid():
+                raise ValueError(f"{os.path.join(self.bundles_dir, name)}: not a servable bundle (see the log)")
+            infers[name] = task
+        return infers
+
+    def init_trainers(self):
+        return {
+            name: BundleTrainTask(os.path.join(self.bundles_dir, name), self.conf)
+            for name in self.models
+            if os.path.isfile(os.path.join(self.bundles_dir, name, "configs", "train.yaml"))
+        }
+
+    def infer(self, request, datastore=None):
+        datastore = datastore if datastore else self.datastore()
+        if request.get("model") not in self._infers:
+            raise HTTPException(status_code=404, detail=f"no model '{request.get('model')}'; this server serves "
+                                f"{sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image) and image not in datastore.list_images():
+            raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore ({self.studies})")
+        try:
+            result = super().infer(request, datastore)
+        except MONAILabelException as err:
+            status = 422 if err.error == MONAILabelError.INVALID_INPUT else 500
+            raise HTTPException(status_code=status, detail=err.msg) from err
+        except HTTPException:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported to the client with its message
+            logger.exception("inference failed")
+            raise HTTPException(status_code=500, detail=f"inference failed: {type(err).__name__}: {err}") from err
+        params = result.get("params") or {}
+        uncertainty = params.get("uncertainty")
+        if uncertainty and isinstance(image, str) and not os.path.exists(image):
+            # the image lives in the datastore: keep its uncertainty map there, next to its labels
+            path = uncertainty.pop("file")
+            uncertainty["label_id"] = datastore.save_label(
+                image, path, UNCERTAINTY_TAG, {"model": request.get("model"), "kind": "uncertainty"}
+            )
+            uncertainty["tag"] = UNCERTAINTY_TAG
+            os.remove(path)
+        return result

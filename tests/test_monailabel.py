@@ -1,0 +1,387 @@
+"""A real MONAI Label server on loopback serving two freshly trained bundles (apps/monailabel).
+
+Marked ``monailabel``: not in the default run (``-m "not monailabel"`` in pyproject); ``.ci/run`` runs it after the
+main suite. It builds or reuses MONAI Label's own virtual environment (scripts/monailabel_env.sh; the path comes
+from ``MONAILABEL_VENV``, default ``.venv-monailabel``), trains a cDAL MoNuSeg-format model (built-in synthetic
+tiles) and a cDAL Hippocampus model (synthetic MSD volumes) for a few iterations with the bundle's own training
+workflow, exports both with scripts/export_monailabel_bundle.py, starts ``monailabel start_server`` on 127.0.0.1,
+and then, through HTTP only: reads /info; infers a MoNuSeg tile and a Hippocampus volume from ../shared/data
+(the real files; synthetic ones in the same formats when ../shared/data is absent, said in the test output)
+by datastore id and by upload; checks the labels and the uncertainty maps; sends malformed requests; and runs
+a short training request on the datastore's labelled tiles. Request times go to $MONAILABEL_TIMINGS (JSON)
+when that is set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.monailabel
+TILE = "TCGA-21-5784-01Z-00-DX1"
+TRAIN_TILES = ["TCGA-21-5786-01Z-00-DX1", "TCGA-50-5931-01Z-00-DX1"]
+VOLUME = "hippocampus_001"
+TIMINGS: dict[str, float] = {}
+
+
+# ------------------------------------------------------------------------------------------------ HTTP helpers
+def _request(url: str, method: str = "GET", fields: dict | None = None, files: dict | None = None,
+             body: dict | None = None, timeout: float = 600):
+    """(status, headers, bytes) of a request; multipart form for ``fields``/``files``, JSON for ``body``."""
+    data, headers = None, {}
+    if fields is not None or files is not None:
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, value in (fields or {}).items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        for name, path in (files or {}).items():
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{Path(path).name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n".encode() + Path(path).read_bytes() + b"\r\n"
+            )
+        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+    elif body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _multipart(headers: dict, payload: bytes) -> dict[str, bytes]:
+    """Parts of a multipart response by field name (MONAI Label's ``output=all``: params + image)."""
+    content_type = headers.get("content-type") or headers.get("Content-Type")
+    boundary = content_type.split("boundary=")[1].strip().encode()
+    parts = {}
+    for chunk in payload.split(b"--" + boundary):
+        if b"\r\n\r\n" not in chunk:
+            continue
+        head, content = chunk.split(b"\r\n\r\n", 1)
+        name = head.split(b'name="')[1].split(b'"')[0].decode()
+        parts[name] = content.rstrip(b"\r\n")
+    return parts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(name: str, fn):
+    start = time.perf_counter()
+    result = fn()
+    TIMINGS[name] = round(time.perf_counter() - start, 2)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def monailabel_venv() -> Path:
+    venv = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "monailabel_env.sh"), str(venv)], capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, f"building MONAI Label's environment failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert (venv / "bin" / "monailabel").exists()
+    return venv
+
+
+def _train(root: Path, configs: list[str], overrides: dict) -> Path:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           "[" + ",".join(f"'{REPO / 'configs' / c}'" for c in configs) + "]", "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    model = root / "models" / "model.pt"
+    assert model.is_file()
+    return model
+
+
+def _export(dataset: str, checkpoint: Path, output: Path, *extra: str) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_monailabel_bundle.py"), "--dataset", dataset,
+                           "--checkpoint", str(checkpoint), "--output", str(output), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def source_files(tmp_path_factory) -> dict:
+    """The tile, its label, two labelled training tiles and the volume: real ones when ../shared/data exists."""
+    shared = REPO.parent / "shared" / "data"
+    monuseg, hippo = shared / "monuseg" / "MoNuSegTrainingData", shared / "hippocampus" / "Task04_Hippocampus"
+    if monuseg.is_dir() and hippo.is_dir():
+        files = {"real": True, "tile": monuseg / "Tissue_Images" / f"{TILE}.tif",
+                 "tile_mask": monuseg / "Binary_masks" / f"{TILE}.png",
+                 "train": [(monuseg / "Tissue_Images" / f"{t}.tif", monuseg / "Binary_masks" / f"{t}.png")
+                           for t in TRAIN_TILES],
+                 "volume": hippo / "imagesTr" / f"{VOLUME}.nii.gz", "volume_label": hippo / "labelsTr" / f"{VOLUME}.nii.gz"}
+    else:  # same formats, written by the bundle's generators (MoNuSeg TIFF + Aperio XML; MSD NIfTI)
+        from bundle.data.hippocampus import write_synthetic_hippocampus
+        from bundle.data.synthetic import write_synthetic_monuseg
+
+        root = tmp_path_factory.mktemp("synthetic_sources")
+        write_synthetic_monuseg(root / "monuseg", num_train=3, num_test=0, size=512, seed=11)
+        tiles = sorted((root / "monuseg").rglob("*.tif"))
+        xmls = {p.stem: p for p in (root / "monuseg").rglob("*.xml")}
+        msd = write_synthetic_hippocampus(root / "msd", num_cases=1, seed=5)
+        vol = sorted((msd / "imagesTr").glob("*.nii.gz"))[0]
+        files = {"real": False, "tile": tiles[0], "tile_mask": xmls[tiles[0].stem],
+                 "train": [(t, xmls[t.stem]) for t in tiles[1:3]],
+                 "volume": vol, "volume_label": msd / "labelsTr" / vol.name}
+    print(f"MONAI Label test inputs: {'real files from ../shared/data' if files['real'] else 'synthetic (no ../shared/data)'}")
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(monailabel_venv, source_files, tmp_path_factory):
+    work = tmp_path_factory.mktemp("monailabel")
+    # two bundles, trained briefly by the bundle's own training workflow
+    m_run, h_run = work / "train_monuseg", work / "train_hippocampus"
+    m_run.mkdir(), h_run.mkdir()
+    monuseg_model = _train(m_run, ["train.yaml"], {
+        "dataset_root": "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=8, num_test=2, "
+                        "size=256, seed=0)",
+        "max_epochs": 2, "epoch_length": 20, "val_interval": 2, "num_generations": 2, "val_fraction": 0.25})
+    from bundle.data.hippocampus import write_synthetic_hippocampus
+
+    msd = write_synthetic_hippocampus(work / "msd_train" / "Task04_Hippocampus", num_cases=8, seed=1)
+    hippo_model = _train(h_run, ["train.yaml", "methods/cdal.yaml", "datasets/hippocampus.yaml"], {
+        "dataset_dir": msd, "max_epochs": 1, "epoch_length": 4, "val_interval": 1, "num_generations": 2,
+        "crops_per_volume": 1, "val_fraction": 0.2})
+    bundles = work / "bundles"
+    _export("synthetic", monuseg_model, bundles / "monuseg_cdal")
+    # a smaller default ensemble for the volume (slice-wise inference is the slow request on 2 CPU cores)
+    _export("hippocampus", hippo_model, bundles / "hippocampus_cdal", "--dataset_dir", str(msd),
+            "--set", "num_generations=2")
+
+    studies = work / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copy(source_files["tile"], studies / f"{TILE}.tif")
+    for i, (image, label) in enumerate(source_files["train"]):
+        name = TRAIN_TILES[i]
+        shutil.copy(image, studies / f"{name}.tif")
+        shutil.copy(label, studies / "labels" / "final" / f"{name}{''.join(Path(label).suffixes)}")
+    shutil.copy(source_files["volume"], studies / f"{VOLUME}.nii.gz")
+
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{monailabel_venv / 'bin'}:{os.environ['PATH']}", "OMP_NUM_THREADS": "2",
+           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    log = open(work / "server.log", "w")
+    cmd = ["monailabel", "start_server", "--app", str(REPO / "apps" / "monailabel"), "--studies", str(studies),
+           "--conf", "bundles", str(bundles), "--conf", "zoo_source", "github", "--host", "127.0.0.1",
+           "--port", str(port)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                break
+            try:
+                if _request(f"{url}/info/", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        TIMINGS["server_start"] = round(time.perf_counter() - start, 1)
+        assert proc.poll() is None, f"server exited:\n{(work / 'server.log').read_text()[-5000:]}"
+        yield {"url": url, "studies": studies, "bundles": bundles, "log": work / "server.log", **source_files}
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+        if os.environ.get("MONAILABEL_TIMINGS"):
+            Path(os.environ["MONAILABEL_TIMINGS"]).write_text(json.dumps(
+                {"inputs": "real" if source_files["real"] else "synthetic", **TIMINGS}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+def _read_png(payload: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(payload)))
+
+
+def _read_nifti(payload: bytes, tmp: Path):
+    import nibabel as nib
+
+    path = tmp / f"{uuid.uuid4().hex}.nii.gz"
+    path.write_bytes(payload)
+    image = nib.load(path)
+    return image, np.asarray(image.dataobj)
+
+
+def _offline_tile_mask(bundle: Path, tile: Path, generations: int) -> np.ndarray:
+    """The exported bundle's inference config run in this process (no server): the mask of ``tile``."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.yaml"))
+    parser["bundle_root"], parser["num_generations"], parser["device"] = str(bundle), generations, "$'cpu'"
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    network.eval()
+    data = parser.get_parsed_content("preprocessing")({"image": str(tile)})
+    with torch.no_grad():
+        out = parser.get_parsed_content("inferer")(data["image"][None], network)
+    data["pred"] = {k: v[0] for k, v in out.items()}
+    data = parser.get_parsed_content("postprocessing")(data)
+    return np.rint(np.asarray(data["pred"][0])).astype(np.uint8)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def test_info_lists_both_models_with_their_dimensions(server):
+    status, _, body = _request(f"{server['url']}/info/")
+    assert status == 200
+    info = json.loads(body)
+    models = info["models"]
+    assert set(models) == {"monuseg_cdal", "hippocampus_cdal"}
+    assert models["monuseg_cdal"]["dimension"] == 2 and models["monuseg_cdal"]["labels"] == {"nucleus": 1}
+    assert models["hippocampus_cdal"]["dimension"] == 3
+    assert models["hippocampus_cdal"]["labels"] == {"anterior": 1, "posterior": 2}
+    assert models["monuseg_cdal"]["config"]["num_generations"] == 5  # the few-step cDAL default ensemble
+    assert set(info["trainers"]) == {"monuseg_cdal", "hippocampus_cdal"}
+
+
+def test_tile_inference_returns_a_binary_label_and_stores_the_uncertainty(server, tmp_path):
+    from PIL import Image
+
+    url = f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=all"
+    status, headers, body = _timed("infer_tile_N3", lambda: _request(url, "POST",
+                                                                      fields={"params": json.dumps({"num_generations": 3})}))
+    assert status == 200, body[:500]
+    parts = _multipart(headers, body)
+    params = json.loads(parts["params"])
+    label = _read_png(parts["image"])
+    height, width = Image.open(server["tile"]).size[::-1]
+    assert label.shape == (height, width) and label.dtype == np.uint8
+    assert set(np.unique(label)) <= {0, 1}
+    assert params["num_generations"] == 3 and params["num_timesteps"] == 4
+    # the server's label is the bundle's own inference of that file (same seed and file name, so the same noise)
+    offline = _offline_tile_mask(server["bundles"] / "monuseg_cdal", server["studies"] / f"{TILE}.tif", 3)
+    assert offline.shape == label.shape
+    assert (offline == label).mean() > 0.999
+    # the uncertainty map sits in the datastore next to the image's labels, under its own tag
+    u = params["uncertainty"]
+    assert u["tag"] == "uncertainty" and 0 < u["mean"] < u["max"] <= 0.5
+    status, _, payload = _request(f"{server['url']}/datastore/label?label={TILE}&tag=uncertainty")
+    assert status == 200
+    stored = np.array(Image.open(io.BytesIO(payload)))
+    assert stored.shape == (height, width) and stored.dtype == np.float32
+    assert stored.min() >= 0 and abs(float(stored.mean()) - u["mean"]) < 1e-5
+    # the ensemble size changes the result's spread, and the default (5) is used when the request says nothing
+    status, _, body5 = _timed("infer_tile_N5", lambda: _request(
+        f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json", "POST"))
+    assert status == 200 and json.loads(body5)["num_generations"] == 5
+    if server["real"]:
+        truth = np.array(Image.open(server["tile_mask"])) > 0
+        TIMINGS["tile_dice_vs_binary_mask"] = round(_dice(label > 0, truth), 4)
+
+
+def test_uploaded_tile_is_inferred_without_touching_the_datastore(server):
+    url = f"{server['url']}/infer/monuseg_cdal?output=image"
+    status, _, body = _timed("infer_tile_upload", lambda: _request(url, "POST", files={"file": server["tile"]}))
+    assert status == 200, body[:500]
+    label = _read_png(body)
+    assert label.ndim == 2 and set(np.unique(label)) <= {0, 1}
+
+
+def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
+    import nibabel as nib
+
+    url = f"{server['url']}/infer/hippocampus_cdal?image={VOLUME}&output=all"
+    status, headers, body = _timed("infer_volume_N2", lambda: _request(url, "POST"))
+    assert status == 200, body[:500]
+    parts = _multipart(headers, body)
+    image, label = _read_nifti(parts["image"], tmp_path)
+    reference = nib.load(server["volume"])
+    assert label.shape == reference.shape and np.allclose(image.affine, reference.affine)
+    assert set(np.unique(label)) <= {0, 1, 2}
+    params = json.loads(parts["params"])
+    assert params["num_generations"] == 2  # the exported default
+    assert params["uncertainty"]["tag"] == "uncertainty" and params["uncertainty"]["max"] <= 0.5
+    status, _, payload = _request(f"{server['url']}/datastore/label?label={VOLUME}&tag=uncertainty")
+    assert status == 200
+    u_image, u = _read_nifti(payload, tmp_path)
+    assert u.shape == reference.shape and u.dtype == np.float32 and np.allclose(u_image.affine, reference.affine)
+    truth = np.asarray(nib.load(server["volume_label"]).dataobj)
+    TIMINGS["volume_dice_anterior"] = round(_dice(label == 1, truth == 1), 4)
+    TIMINGS["volume_dice_posterior"] = round(_dice(label == 2, truth == 2), 4)
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "words"),
+    [
+        ("monuseg_cdal?image=no_such_image", 404, ["no_such_image", "not in the datastore"]),
+        ("no_such_model?image=" + TILE, 404, ["no_such_model"]),
+        ("monuseg_cdal?image=" + VOLUME, 422, ["monuseg_cdal", VOLUME, "2-D"]),
+        ("hippocampus_cdal?image=" + TILE, 422, ["hippocampus_cdal", "3-D", TILE]),
+    ],
+)
+def test_malformed_requests_get_an_http_error_with_a_message_and_the_server_keeps_serving(server, query, status, words):
+    code, _, body = _request(f"{server['url']}/infer/{query}&output=json", "POST")
+    assert code == status, body[:500]
+    detail = json.loads(body)["detail"]
+    assert all(w in detail for w in words), detail
+    assert _request(f"{server['url']}/info/")[0] == 200
+
+
+def test_a_bad_option_is_refused_and_the_next_request_succeeds(server):
+    url = f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json"
+    code, _, body = _request(url, "POST", fields={"params": json.dumps({"num_generations": 0})})
+    assert code == 422 and "num_generations" in json.loads(body)["detail"]
+    code, _, body = _request(url, "POST", fields={"params": json.dumps({"num_generations": 2})})
+    assert code == 200 and json.loads(body)["num_generations"] == 2
+
+
+def test_a_short_training_request_completes_and_updates_the_served_model(server):
+    import sqlite3
+
+    bundle = server["bundles"] / "monuseg_cdal"
+    before = (bundle / "models" / "model.pt").stat().st_mtime
+    status, _, body = _timed("train_1_epoch", lambda: _request(
+        f"{server['url']}/train/monuseg_cdal?run_sync=true", "POST",
+        body={"max_epochs": 1, "device": "cpu", "val_split": 0.5}))
+    assert status == 200, body[:500]
+    log = server["log"].read_text()
+    assert "Total Records for Training: 1" in log and "Total Records for Validation: 1" in log
+    assert (bundle / "models" / "checkpoints" / "last.pt").is_file()
+    assert (bundle / "models" / "model.pt").stat().st_mtime > before  # validated, saved as the best model
+    with sqlite3.connect(bundle / "mlruns.db") as db:
+        runs = db.execute("select status from runs").fetchall()
+        dice = db.execute("select value from metrics where key = 'val_dice'").fetchall()
+        losses = db.execute("select step from metrics where key = 'loss_g'").fetchall()
+    assert runs == [("FINISHED",)] and len(dice) == 1 and 0 <= dice[0][0] <= 1
+    assert losses == [(10,)]  # the 10 iterations of the epoch ran (one training tile: one batch of 1 per pass)
+    TIMINGS["train_val_dice"] = round(dice[0][0], 4)
+    # the server serves the refined model at once
+    status, _, body = _request(f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json", "POST",
+                               fields={"params": json.dumps({"num_generations": 2})})
+    assert status == 200, body[:500]
