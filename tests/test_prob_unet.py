@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from ignite.engine import Events
-from torch.distributions import Independent, Normal
 
 from bundle.engines.prob_unet_trainer import ProbUNetTrainer
 from bundle.engines.sampling_inferer import SamplingInferer

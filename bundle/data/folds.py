@@ -26,6 +26,7 @@ import numpy as np
 from monai.data import partition_dataset
 
 from bundle.data.errors import DataFormatError
+from bundle.engines.flags import as_bool
 
 __all__ = ["assign_folds", "fold_datalist", "write_datalist_json"]
 
@@ -118,6 +119,7 @@ def write_datalist_json(path: str | os.PathLike, content: dict[str, Any], overwr
         DataFormatError: ``path`` holds different content (e.g. a split the user edited) and ``overwrite`` is False.
     """
     path = Path(path).expanduser().absolute()
+    overwrite = as_bool(overwrite, "overwrite")
     if path.exists():
         try:
             existing = json.loads(path.read_text())

@@ -14,7 +14,6 @@ from the training tiles.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle.data.errors import DataFormatError
+from bundle.data.folds import write_datalist_json
 
 __all__ = ["find_monuseg_pairs", "build_monuseg_datalist"]
 
@@ -191,16 +191,4 @@ def build_monuseg_datalist(
 
 def _write_json(path: Path, content: dict, overwrite: bool) -> None:
     """Write ``content`` as JSON atomically; refuse to replace a different file unless ``overwrite``."""
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text())
-        except (OSError, ValueError):
-            existing = None
-        if existing == content:
-            return
-        if not overwrite:
-            raise DataFormatError(path, "exists with different content; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_datalist_json(path, content, overwrite)

@@ -21,13 +21,17 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from torch import nn
 
 from bundle.diffusion.samplers import DiffusionSampler, unwrap_network
+from bundle.engines.flags import FALSE, TRUE, as_bool
 
 OUTPUT_KEYS = ("mean", "uncertainty", "samples")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def autocast_dtype(value: str | torch.dtype | bool | None) -> torch.dtype | None:
-    """``None``/``False``: full precision; ``True`` or "bfloat16"/"bf16": bf16; "float16"/"fp16": fp16."""
+    """``None``/``False``: full precision; ``True`` or "bfloat16"/"bf16": bf16; "float16"/"fp16": fp16
+    (the strings "true"/"false" of a command-line ``--amp`` too)."""
+    if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
+        value = as_bool(value, "autocast")
     if value is None or value is False:
         return None
     if value is True:

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 
 from bundle.diffusion.samplers import unwrap_network
 from bundle.diffusion.schedules import ForwardDiffusion
+from bundle.engines.flags import as_bool
 
 LOSS_KEYS = ("loss", "loss_g", "loss_d", "loss_d_real", "loss_d_fake", "r1")
 
@@ -102,7 +103,7 @@ class CDALTrainer(Trainer):
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             handlers=train_handlers,
-            amp=amp,
+            amp=as_bool(amp, "amp"),
             event_names=event_names,
             event_to_attr=event_to_attr,
             decollate=False,

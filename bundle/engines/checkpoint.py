@@ -28,6 +28,7 @@ from monai.handlers import CheckpointLoader
 
 from bundle.diffusion.samplers import unwrap_network
 from bundle.engines.seeding import process_rank
+from bundle.engines.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,8 @@ class AtomicCheckpointSaver:
         self.key_metric_name = key_metric_name
         self.model_path = self.save_dir / model_filename
         self.last_path = self.save_dir / last_filename
-        self.resume = resume
-        self.overwrite = overwrite
+        self.resume = as_bool(resume, "resume")
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.map_location = map_location
         self.best_metric = -math.inf
         self.best_epoch = -1

@@ -18,6 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.engines.report_writer import summarise
+from bundle.engines.flags import as_bool
 
 __all__ = ["DistributionReportWriter"]
 
@@ -52,7 +53,7 @@ class DistributionReportWriter:
         self.per_image_metrics = list(per_image_metrics)
         self.pooled_metrics = list(pooled_metrics)
         self.settings = dict(settings or {})
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.json_path = self.output_dir / "distribution_metrics.json"
         self.csv_path = self.output_dir / "distribution_per_image.csv"
         self._names: list[str] = []

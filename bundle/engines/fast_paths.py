@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bundle.engines.flags import as_bool
+
 
 def prepare_network(
     network: nn.Module,
@@ -21,6 +23,8 @@ def prepare_network(
 
     Checkpoints stay plain: ``bundle.diffusion.samplers.unwrap_network`` strips the DDP and compile wrappers.
     """
+    channels_last = as_bool(channels_last, "channels_last")
+    distributed, compile = as_bool(distributed, "distributed"), as_bool(compile, "compile")
     device = torch.device(device)
     network = network.to(device)
     if channels_last:

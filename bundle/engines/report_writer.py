@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.engines.flags import as_bool
+
 
 def _filename(item: dict) -> str:
     image = item.get("image")
@@ -55,7 +57,7 @@ class SegmentationReportWriter:
         self.output_dir = Path(output_dir)
         self.metric_names = list(metric_names)
         self.class_names = list(class_names) if class_names else None
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.csv_path = self.output_dir / "metrics_per_image.csv"
         self.json_path = self.output_dir / "metrics_summary.json"
         self._names: list[str] = []

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from bundle.engines.ema import ExponentialMovingAverage
+from bundle.engines.flags import as_bool
 
 __all__ = ["SegDiffTrainer", "eps_loss", "loss_outputs"]
 
@@ -92,7 +93,7 @@ class SegDiffTrainer(Trainer):
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
             handlers=train_handlers,
-            amp=amp,
+            amp=as_bool(amp, "amp"),
             event_names=event_names,
             event_to_attr=event_to_attr,
             decollate=False,

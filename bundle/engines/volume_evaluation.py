@@ -29,6 +29,7 @@ from torch import nn
 
 from bundle.diffusion.ensemble_inferer import EnsembleDiffusionInferer
 from bundle.diffusion.samplers import DiffusionSampler
+from bundle.engines.flags import as_bool
 
 __all__ = ["SliceEnsembleInferer", "onehot_to_label_map", "save_label_volume", "NiftiPredictionWriter"]
 
@@ -165,7 +166,7 @@ class NiftiPredictionWriter:
         self.output_dir = Path(output_dir)
         self.pred_key, self.image_key = pred_key, image_key
         self.first_class = first_class
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
         self._written: set[Path] = set()
 
     def attach(self, engine: Engine) -> None:

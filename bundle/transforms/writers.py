@@ -11,6 +11,8 @@ import torch
 from monai.transforms import MapTransform
 from PIL import Image
 
+from bundle.engines.flags import as_bool
+
 
 class SaveMaskAndUncertaintyd(MapTransform):
     """Save ``mask`` (C, H, W) in {0, 1} and ``uncertainty`` (C, H, W) as PNGs named after the input image.
@@ -31,7 +33,7 @@ class SaveMaskAndUncertaintyd(MapTransform):
         super().__init__([mask_key], allow_missing_keys=False)
         self.output_dir = Path(output_dir)
         self.mask_key, self.uncertainty_key, self.image_key = mask_key, uncertainty_key, image_key
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
 
     def _write(self, array: np.ndarray, path: Path) -> None:
         if path.exists() and not self.overwrite:

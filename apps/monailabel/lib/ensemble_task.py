@@ -126,7 +126,6 @@ class EnsembleBundleInferTask(BundleInferTask):
                 MONAILabelError.INFERENCE_ERROR, f"label of shape {pred.shape} for a {self.dimension}-D model"
             )
         label = np.rint(pred).astype(np.uint8)
-        image_path = data.get("image_path")
         result: dict[str, Any] = {
             "num_generations": self._generations(data),
             "num_timesteps": self.num_timesteps,

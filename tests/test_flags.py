@@ -1,0 +1,33 @@
+"""Command-line switches: `--amp false` reaches the config as the string "false" (fire parses only True/False)."""
+
+import pytest
+import torch
+
+from bundle.diffusion.ensemble_inferer import autocast_dtype
+from bundle.engines.checkpoint import AtomicCheckpointSaver
+from bundle.engines.fast_paths import prepare_network
+from bundle.engines.flags import as_bool
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (False, False), (None, False), (1, True), (0, False),
+    ("true", True), ("True", True), ("yes", True), ("1", True), ("false", False), ("FALSE", False), ("0", False),
+    ("off", False), ("none", False),
+])
+def test_switch_values(value, expected):
+    assert as_bool(value) is expected
+
+
+def test_unknown_switch_value_is_refused_with_its_name():
+    with pytest.raises(ValueError, match="amp must be true or false, got 'maybe'"):
+        as_bool("maybe", "amp")
+
+
+def test_string_false_switches_things_off():
+    net = prepare_network(torch.nn.Conv2d(1, 1, 1), "cpu", channels_last="false", distributed="false",
+                          compile="false")
+    assert isinstance(net, torch.nn.Conv2d)
+    assert autocast_dtype("false") is None and autocast_dtype("true") == torch.bfloat16
+    saver = AtomicCheckpointSaver(save_dir="unused", model=torch.nn.Linear(1, 1), save_dict={}, resume="false",
+                                  overwrite="false")
+    assert saver.resume is False and saver.overwrite is False

@@ -1,0 +1,103 @@
+"""scripts/export_monailabel_bundle.py: the self-contained bundle folder MONAI Label loads (no server here; the
+server itself is tests/test_monailabel.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigParser
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("export_monailabel_bundle", REPO / "scripts" / "export_monailabel_bundle.py")
+export_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(export_module)
+
+
+def _weights(tmp_path: Path, configs: list[str], overrides: dict | None = None, wrap: str | None = None) -> Path:
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "configs" / c) for c in configs])
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    torch.manual_seed(0)
+    state = parser.get_parsed_content("network_def").state_dict()
+    path = tmp_path / "weights.pt"
+    torch.save({wrap: state, "trainer": {"epoch": 3}} if wrap else state, path)
+    return path
+
+
+def test_2d_export_has_what_bundle_infer_and_train_tasks_read(tmp_path):
+    out = export_module.export("synthetic", _weights(tmp_path, ["train.yaml"]), tmp_path / "monuseg_cdal")
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["spatial_shape"] == ["*", "*"] and fmt["inputs"]["image"]["num_channels"] == 3
+    assert fmt["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "nucleus"}
+    infer = yaml.safe_load((out / "configs" / "inference.yaml").read_text())
+    for key in ("network_def", "preprocessing", "inferer", "postprocessing", "device"):
+        assert key in infer, key
+    assert infer["inferer"]["_target_"].endswith("EnsembleDiffusionInferer")
+    assert not any("SaveMaskAndUncertaintyd" in str(t) for t in infer["postprocessing"]["transforms"])
+    train = yaml.safe_load((out / "configs" / "train.yaml").read_text())
+    assert all(isinstance(h, dict) for h in train["train"]["handlers"])  # BundleTrainTask calls .get on each
+    assert any(h.get("_target_", "").endswith("AtomicCheckpointSaver") for h in train["train"]["handlers"])
+    assert train["run"] == "@training" and train["overwrite"] is True and train["val_interval"] == 1
+    saved = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert set(saved) == set(torch.load(tmp_path / "weights.pt", weights_only=True))
+
+
+def test_exported_inference_config_runs_on_a_tile(tmp_path):
+    from PIL import Image
+
+    out = export_module.export("synthetic", _weights(tmp_path, ["train.yaml"]), tmp_path / "b")
+    parser = ConfigParser()
+    parser.read_config(str(out / "configs" / "inference.yaml"))
+    parser["bundle_root"], parser["num_generations"], parser["device"] = str(out), 2, "$'cpu'"
+    tile = tmp_path / "tile.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(tile)
+    net = parser.get_parsed_content("network")
+    net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
+    data = parser.get_parsed_content("preprocessing")({"image": str(tile)})
+    with torch.no_grad():
+        result = parser.get_parsed_content("inferer")(data["image"][None], net.eval())
+    data["pred"] = {k: v[0] for k, v in result.items()}
+    data = parser.get_parsed_content("postprocessing")(data)
+    assert tuple(data["pred"].shape) == (1, 96, 80) and tuple(data["uncertainty"].shape) == (1, 96, 80)
+    assert set(torch.unique(data["pred"]).tolist()) <= {0.0, 1.0}
+
+
+def test_hippocampus_export_is_3d_and_takes_the_trained_network_settings(tmp_path):
+    configs = ["train.yaml", "methods/cdal.yaml", "datasets/hippocampus.yaml"]
+    overrides = {"network_def#num_channels": 16, "network_def#attention_resolutions": []}
+    weights = _weights(tmp_path, configs, overrides, wrap="generator")  # a training checkpoint (last.pt)
+    with pytest.raises(ValueError, match="weights do not fit"):  # without the overrides it was trained with
+        export_module.export("hippocampus", weights, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+    out = export_module.export("hippocampus", weights, tmp_path / "hippo", overrides=overrides)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["*", "*", "*"]
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background", "1": "anterior", "2": "posterior"}
+    infer = yaml.safe_load((out / "configs" / "inference.yaml").read_text())
+    assert infer["network_def"]["num_channels"] == 16 and infer["label_channels"] == 3
+    assert infer["inferer"]["_target_"].endswith("SliceEnsembleInferer")
+
+
+def test_export_refuses_to_replace_a_folder_or_read_a_bad_checkpoint(tmp_path):
+    weights = _weights(tmp_path, ["train.yaml"])
+    out = export_module.export("synthetic", weights, tmp_path / "b")
+    marker = out / "configs" / "metadata.json"
+    before = marker.read_text()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_module.export("synthetic", weights, out)
+    assert marker.read_text() == before
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        export_module.export("synthetic", bad, tmp_path / "c")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        export_module.export("lidc", weights, tmp_path / "d")
