@@ -31,3 +31,20 @@ def test_string_false_switches_things_off():
     saver = AtomicCheckpointSaver(save_dir="unused", model=torch.nn.Linear(1, 1), save_dict={}, resume="false",
                                   overwrite="false")
     assert saver.resume is False and saver.overwrite is False
+
+
+def test_empty_training_loader_is_an_error_not_a_silent_run():
+    from ignite.engine import Engine
+
+    from bundle.engines.guards import EmptyEpochGuard
+
+    loader = torch.utils.data.DataLoader(list(range(3)), batch_size=4, drop_last=True)
+    engine = Engine(lambda e, b: None)
+    EmptyEpochGuard().attach(engine)
+    with pytest.raises(RuntimeError, match="data loader is empty .*batch size 4, drop_last True"):
+        engine.run(loader, max_epochs=1, epoch_length=5)  # the trainers set epoch_length: ignite then runs nothing
+    ran = []
+    engine = Engine(lambda e, b: ran.append(b))
+    EmptyEpochGuard().attach(engine)
+    engine.run(torch.utils.data.DataLoader(list(range(3)), batch_size=2), max_epochs=2, epoch_length=3)
+    assert len(ran) == 6
