@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from bundle.metrics.sample_sets import SampleSet, SampleSetMetric, check_empty_pair, pairwise_iou_distance
+from bundle.metrics.sample_sets import BinarySampleSetMetric, SampleSet, pairwise_iou_distance
 
 __all__ = ["generalized_energy_distance", "GeneralizedEnergyDistance"]
 
@@ -77,7 +77,7 @@ def _ged(s: torch.Tensor, y: torch.Tensor, w_s: torch.Tensor, w_y: torch.Tensor,
     )
 
 
-class GeneralizedEnergyDistance(SampleSetMetric):
+class GeneralizedEnergyDistance(BinarySampleSetMetric):
     """GED per image (samples binarised at ``threshold``), NaN-aware mean over images by ``aggregate()``.
 
     Args:
@@ -86,18 +86,6 @@ class GeneralizedEnergyDistance(SampleSetMetric):
         threshold: sample probabilities > threshold are foreground.
         label_channels, label_threshold: see :class:`~bundle.metrics.sample_sets.SampleSetMetric`.
     """
-
-    def __init__(
-        self,
-        num_samples: int | None = None,
-        empty_pair: str = "zero",
-        threshold: float = 0.5,
-        label_channels: int = 1,
-        label_threshold: float = 0.0,
-    ) -> None:
-        super().__init__(num_samples, label_channels, label_threshold)
-        self.empty_pair = check_empty_pair(empty_pair)
-        self.threshold = threshold
 
     def score(self, sample_set: SampleSet) -> torch.Tensor:
         value = _ged(sample_set.binary_samples(self.threshold), sample_set.annotations, sample_set.weights,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment, linprog
 
-from bundle.metrics.sample_sets import SampleSet, SampleSetMetric, check_empty_pair, pairwise_iou_distance
+from bundle.metrics.sample_sets import BinarySampleSetMetric, SampleSet, pairwise_iou_distance
 
 __all__ = ["matched_iou_from_distance", "hungarian_matched_iou", "HungarianMatchedIoU"]
 
@@ -79,7 +79,7 @@ def hungarian_matched_iou(
     return matched_iou_from_distance(pairwise_iou_distance(s, y, empty_pair), weights)
 
 
-class HungarianMatchedIoU(SampleSetMetric):
+class HungarianMatchedIoU(BinarySampleSetMetric):
     """HM-IoU per image (samples binarised at ``threshold``), NaN-aware mean over images by ``aggregate()``.
 
     Args:
@@ -88,18 +88,6 @@ class HungarianMatchedIoU(SampleSetMetric):
         threshold: sample probabilities > threshold are foreground.
         label_channels, label_threshold: see :class:`~bundle.metrics.sample_sets.SampleSetMetric`.
     """
-
-    def __init__(
-        self,
-        num_samples: int | None = None,
-        empty_pair: str = "zero",
-        threshold: float = 0.5,
-        label_channels: int = 1,
-        label_threshold: float = 0.0,
-    ) -> None:
-        super().__init__(num_samples, label_channels, label_threshold)
-        self.empty_pair = check_empty_pair(empty_pair)
-        self.threshold = threshold
 
     def score(self, sample_set: SampleSet) -> torch.Tensor:
         distance = pairwise_iou_distance(sample_set.binary_samples(self.threshold), sample_set.annotations,

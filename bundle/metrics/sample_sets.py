@@ -219,3 +219,25 @@ class SampleSetOutput:
                       for i in range(batch)]
         pairs = [self._item(item) for item in output]
         return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+class BinarySampleSetMetric(SampleSetMetric):
+    """A :class:`SampleSetMetric` on binarised samples with an IoU-based distance (GED, HM-IoU).
+
+    Args:
+        num_samples, label_channels, label_threshold: see :class:`SampleSetMetric`.
+        empty_pair: "zero" (MoSE, default) or "nan" (official Probabilistic U-Net): the distance of two empty masks.
+        threshold: sample probabilities > threshold are foreground.
+    """
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        empty_pair: str = "zero",
+        threshold: float = 0.5,
+        label_channels: int = 1,
+        label_threshold: float = 0.0,
+    ) -> None:
+        super().__init__(num_samples, label_channels, label_threshold)
+        self.empty_pair = check_empty_pair(empty_pair)
+        self.threshold = threshold

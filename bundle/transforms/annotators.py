@@ -19,29 +19,18 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
-from PIL import Image
 
 from bundle.data.errors import DataFormatError
+from bundle.transforms.io import open_decoded_image
 from bundle.data.lidc import LIDC_MASK_THRESHOLD, PICKLE_REF_SEPARATOR, PICKLE_SUFFIXES, read_lidc_pickle_entry
 
 __all__ = ["read_grey_image", "read_thresholded_mask", "LoadLIDCd", "RandSelectAnnotatord", "SelectAnnotatord"]
 
 
-def _open(path: str) -> Image.Image:
-    if not os.path.isfile(path):
-        raise DataFormatError(path, "file does not exist")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        raise DataFormatError(path, f"unreadable or corrupt image file ({type(err).__name__}: {err})") from None
-
-
 def read_grey_image(path: str | os.PathLike) -> np.ndarray:
     """A grey image file as float32 (H, W): 8-bit files scaled to [0, 1]; colour files converted to grey first."""
     path = os.fspath(path)
-    image = _open(path)
+    image = open_decoded_image(path)
     if image.mode in ("I;16", "I;16B", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
         return array / 65535.0 if image.mode.startswith("I;16") else array
@@ -53,7 +42,7 @@ def read_grey_image(path: str | os.PathLike) -> np.ndarray:
 def read_thresholded_mask(path: str | os.PathLike, threshold: int = LIDC_MASK_THRESHOLD) -> np.ndarray:
     """An 8-bit mask file as uint8 (H, W) in {0, 1}: grey value > ``threshold`` is foreground."""
     path = os.fspath(path)
-    image = _open(path)
+    image = open_decoded_image(path)
     if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
         raise DataFormatError(path, f"unsupported mask mode {image.mode!r}: expected an 8-bit grey mask")
     grey = np.asarray(image.convert("L"))

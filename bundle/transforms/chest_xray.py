@@ -17,30 +17,19 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from PIL import Image
 
 from bundle.data.errors import DataFormatError
+from bundle.transforms.io import open_decoded_image
 
 __all__ = ["read_grey_radiograph", "read_lung_mask", "LoadChestXrayd", "LoadLungMaskd"]
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
-def _open(path: str) -> Image.Image:
-    if not os.path.isfile(path):
-        raise DataFormatError(path, "file does not exist")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise DataFormatError(path, f"unreadable or corrupt image file ({type(err).__name__}: {err})") from None
-
-
 def read_grey_radiograph(path: str | os.PathLike) -> np.ndarray:
     """Read an 8-bit (or 16-bit grey, rescaled) image as float32 (H, W) in [0, 255], the mean of R, G, B."""
     path = os.fspath(path)
-    image = _open(path)
+    image = open_decoded_image(path)
     if image.mode in _SIXTEEN_BIT:
         array = np.asarray(image, dtype=np.float32)
         return array * (255.0 / 65535.0) if image.mode != "I" or array.max() > 255 else array
@@ -60,7 +49,7 @@ def read_lung_mask(paths: str | os.PathLike | Sequence[str | os.PathLike], thres
         raise ValueError("no mask file given")
     merged: np.ndarray | None = None
     for path in paths:
-        image = _open(path)
+        image = open_decoded_image(path)
         array = np.asarray(image.convert("L") if image.mode in ("1", "P") else image)
         if array.ndim == 3:
             array = array[..., :3] if array.shape[2] >= 3 else array[..., :1]

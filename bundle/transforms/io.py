@@ -29,7 +29,7 @@ __all__ = ["LoadTiled", "LoadInstanceMaskd", "read_rgb_tile", "read_binary_mask"
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 
 
-def _open_decoded(path: str) -> Image.Image:
+def open_decoded_image(path: str) -> Image.Image:
     """Open and fully decode an image file, turning every failure into DataFormatError."""
     if not os.path.isfile(path):
         raise DataFormatError(path, "file does not exist")
@@ -55,7 +55,7 @@ def read_rgb_tile(path: str | os.PathLike) -> np.ndarray:
         DataFormatError: missing, unreadable or corrupt file, or a mode that is not 8-bit.
     """
     path = os.fspath(path)
-    image = _open_decoded(path)
+    image = open_decoded_image(path)
     if image.mode not in _EIGHT_BIT_MODES:
         raise DataFormatError(path, f"unsupported image mode {image.mode!r}: expected 8-bit RGB or grey")
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -72,7 +72,7 @@ def read_binary_mask(path: str | os.PathLike) -> np.ndarray:
             {0, 1, 255} (the message lists them).
     """
     path = os.fspath(path)
-    image = _open_decoded(path)
+    image = open_decoded_image(path)
     array = np.asarray(image)
     if array.ndim == 3:
         if image.mode in ("LA", "RGBA", "PA"):
