@@ -1,9 +1,12 @@
 """Diffusion-based medical image segmentation as a MONAI bundle (cDAL, SegDiff and baselines).
 
 ``import bundle`` makes every component reachable as an attribute (``bundle.data.monuseg``, ...), which is
-what ``$import bundle`` in the bundle configs relies on.
+what ``$import bundle`` in the bundle configs relies on. Layers, lowest first: ``runtime``; ``data``,
+``transforms``, ``metrics``, ``networks``, ``losses``; ``inferers`` and ``diffusion``; ``handlers``; ``engines``
+(nothing below ``engines`` imports it); ``reports``. See docs/architecture.md.
 """
 
-from bundle import data, diffusion, engines, metrics, networks, reports, transforms  # noqa: F401
+from bundle import runtime  # noqa: F401  (first: the lower layers import it)
+from bundle import data, diffusion, engines, handlers, inferers, losses, metrics, networks, reports, transforms  # noqa: F401
 
 __version__ = "0.1.0"

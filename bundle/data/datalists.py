@@ -25,16 +25,19 @@ def select_subset(datalist: Mapping[str, Sequence[dict]], subset: str) -> list[d
 
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
 
 
 def image_folder_datalist(folder: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[dict]:
-    """``[{"image": path}, ...]`` for the image files directly in ``folder`` (sorted); error if there are none."""
+    """``[{"image": path}, ...]`` for the files directly in ``folder`` whose names end in one of ``suffixes``
+    (case-insensitive, so ``.nii.gz`` works), sorted; an error names the folder if there are none."""
     from pathlib import Path
 
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder does not exist")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    wanted = tuple(s.lower() for s in suffixes)
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(wanted))
     if not files:
         raise ValueError(f"{root}: no images with suffix {', '.join(suffixes)}")
     return [{"image": str(p)} for p in files]

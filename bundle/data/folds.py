@@ -26,7 +26,7 @@ import numpy as np
 from monai.data import partition_dataset
 
 from bundle.data.errors import DataFormatError
-from bundle.engines.flags import as_bool
+from bundle.runtime import as_bool
 
 __all__ = ["assign_folds", "fold_datalist", "write_datalist_json"]
 

@@ -1,4 +1,4 @@
-"""Noise schedules registered with MONAI's scheduler store, and the posterior q(x_{k-1} | x_k, x_0).
+"""cDAL's noise schedule registered with MONAI's scheduler store, and the forward process for its training step.
 
 Index convention (shared with MONAI's ``DDPMScheduler``): the scheduler holds ``betas[i] = beta_{i+1}`` for
 ``i = 0 .. T-1``; ``alphas_cumprod[i]`` is the signal level of the noisy label ``x_{i+1}``. A network called with
@@ -11,11 +11,11 @@ and ``beta_k = 1 - alpha_bar_c(t_k) / alpha_bar_c(t_{k-1})``, computed in float6
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from monai.networks.schedulers import DDPMScheduler
 from monai.networks.schedulers.scheduler import NoiseSchedules
+
+from bundle.diffusion.steps import ReverseStep
 
 VP_DISCRETE = "vp_discrete"
 
@@ -61,56 +61,25 @@ def make_cdal_scheduler(num_timesteps: int = 4, beta_min: float = 0.1, beta_max:
     )
 
 
-@dataclass(frozen=True)
-class PosteriorCoefficients:
-    """Coefficients of q(x_i | x_{i+1}, x_0) = N(coef_x0 x_0 + coef_xt x_{i+1}, variance), each shape (T,).
-
-    ``variance`` is the true posterior variance clipped below at 1e-20 (the reference clips its log);
-    ``variance[0]`` is exactly 0 so the last step returns the network's x0 prediction.
-    """
-
-    coef_x0: torch.Tensor
-    coef_xt: torch.Tensor
-    variance: torch.Tensor
-
-
-def posterior_coefficients(scheduler: DDPMScheduler) -> PosteriorCoefficients:
-    """The posterior coefficients implied by a MONAI scheduler's betas (float32, shape (T,))."""
-    betas = scheduler.betas.to(torch.float32)
-    alphas = 1.0 - betas
-    alphas_cumprod = torch.cumprod(alphas, dim=0)
-    prev = torch.cat([torch.ones(1, dtype=torch.float32), alphas_cumprod[:-1]])
-    coef_x0 = betas * prev.sqrt() / (1.0 - alphas_cumprod)
-    coef_xt = (1.0 - prev) * alphas.sqrt() / (1.0 - alphas_cumprod)
-    variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
-    variance = torch.where(torch.arange(len(betas)) == 0, torch.zeros_like(variance), variance.clamp(min=1e-20))
-    return PosteriorCoefficients(coef_x0=coef_x0, coef_xt=coef_xt, variance=variance)
-
-
 def _gather(values: torch.Tensor, index: torch.Tensor, ndim: int, like: torch.Tensor) -> torch.Tensor:
     out = values.to(device=like.device, dtype=like.dtype)[index.to(like.device)]
     return out.reshape(-1, *([1] * (ndim - 1)))
 
 
 class ForwardDiffusion:
-    """The forward process of a scheduler, per-sample time indices, for training.
+    """The forward process of a scheduler with per-sample time indices, for the cDAL training step.
 
-    ``noisy(x0, i, noise)`` gives x_{i+1}; ``pair(x0, i)`` gives the consecutive pair (x_i, x_{i+1}) used by the
-    cDAL discriminator (x_0 is the clean label); ``posterior_sample(x0_hat, x_next, i, noise)`` draws x_i.
+    ``pair(x0, i)`` gives the consecutive pair (x_i, x_{i+1}) that the cDAL discriminator sees (x_0 is the clean
+    label); ``posterior_sample(x0_hat, x_next, i, noise)`` draws x_i ~ q(x_i | x_{i+1}, x0_hat), which is the
+    ancestral ``ReverseStep`` of the (fixed_small) scheduler with one time index per sample.
     """
 
     def __init__(self, scheduler: DDPMScheduler) -> None:
         self.scheduler = scheduler
-        betas = scheduler.betas.to(torch.float32)
-        self.num_timesteps = len(betas)
-        self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.posterior = posterior_coefficients(scheduler)
-
-    def noisy(self, x0: torch.Tensor, index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_{i+1} = sqrt(abar_i) x0 + sqrt(1 - abar_i) noise for per-sample indices i, shape (B,)."""
-        abar = _gather(self.alphas_cumprod, index, x0.ndim, x0)
-        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+        self.betas = scheduler.betas.to(torch.float32)
+        self.num_timesteps = len(self.betas)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.reverse = ReverseStep(scheduler)
 
     def pair(self, x0: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_i, x_{i+1}) for per-sample i in [0, T-1]; x_i is x0 itself where i == 0."""
@@ -124,9 +93,6 @@ class ForwardDiffusion:
     def posterior_sample(
         self, x0_hat: torch.Tensor, x_next: torch.Tensor, index: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """A draw of x_i ~ q(x_i | x_{i+1}, x0_hat); no noise where i == 0."""
-        c0 = _gather(self.posterior.coef_x0, index, x0_hat.ndim, x0_hat)
-        ct = _gather(self.posterior.coef_xt, index, x0_hat.ndim, x0_hat)
-        var = _gather(self.posterior.variance, index, x0_hat.ndim, x0_hat)
+        """A draw of x_i ~ q(x_i | x_{i+1}, x0_hat) for per-sample indices i (B,); no noise where i == 0."""
         noise = torch.randn_like(x0_hat) if noise is None else noise
-        return c0 * x0_hat + ct * x_next + var.sqrt() * noise
+        return self.reverse(x0_hat, index, index - 1, x_next, noise)

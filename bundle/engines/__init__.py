@@ -1,4 +1,4 @@
-"""Engines components of the bundle; every module is imported so configs can reach it as `bundle.engines.<module>`."""
+"""The training engine and the methods' training steps; every module is imported for the configs."""
 
 import importlib
 import pkgutil

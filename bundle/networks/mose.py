@@ -10,9 +10,10 @@ Architecture of gaozhitong/MoSE-AUSeg ``models/MoSE.py`` (METHODS.md section 4):
   binary corners (rows [0], [1] for latent_dim 1) and the rest uniform in [0, 1); log sigma = log(1/8).
 - noise injector: f' = (f + W_r z) * (W_s z + 1e-5) with linear W_r, W_s (Xavier, zero bias), then 1x1 conv layers
   (two C0 -> C0 conv + BN + ReLU, then C0 -> 2 classes + BN + ReLU, as the reference's ``Conv2DSequence``), softmax
-  over {background, foreground}. Only binary segmentation (``label_channels`` = 1) is supported.
+  over {background, foreground} (one label channel, LIDC) or over the label channels (one-hot classes with
+background, e.g. Hippocampus: an extension of the reference, which is binary).
 
-Sample forms (``sample``): **weighted**, S = N / K latent draws per expert with weights pi_k / S (training and
+Sample forms (``forward`` for training, ``sample_rows`` for the ensemble inferer): **weighted**, S = N / K latent draws per expert with weights pi_k / S (training and
 MoSE's default evaluation), and **sampled**, expert k ~ Cat(pi) then z ~ N(mu_k, sigma_k^2) with uniform weights
 (the README's ``eval_sample_num``). Weighted samples are ordered sample-major (index s * K + k), so the first
 n * K samples are again a weighted set with n draws per expert.
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bundle.runtime import rand_rows, randn_rows
 
 __all__ = ["MoSEUNet", "ExpertGating", "NoiseInjector", "MixtureOfStochasticExperts", "SAMPLE_MODES"]
 
@@ -89,7 +92,7 @@ class ExpertGating(nn.Sequential):
 
 
 class NoiseInjector(nn.Module):
-    """(features (B, C0, H, W), z (B, N, L)) -> class scores (B * N, 2, H, W), image-major."""
+    """(features (B, C0, H, W), z (B, N, L)) -> class scores (B * N, num_classes, H, W), image-major."""
 
     def __init__(self, channels: int, latent_dim: int, num_classes: int = 2) -> None:
         super().__init__()
@@ -128,11 +131,11 @@ class MixtureOfStochasticExperts(nn.Module):
 
     Args:
         image_channels: input channels (1 for LIDC).
-        label_channels: must be 1 (foreground probability = softmax over {background, foreground}).
+        label_channels: 1 (foreground = softmax over {background, foreground}) or the number of one-hot classes.
         num_channels: U-Net widths (reference LIDC: 32, 64, 128, 192, 192, 192, 192).
         num_experts: K (4).
         latent_dim: expert latent size (1).
-        sample_chunk: most samples decoded per noise-injector call in ``sample``.
+        sample_chunk: most samples decoded per noise-injector call in ``sample_rows``.
     """
 
     def __init__(
@@ -145,8 +148,8 @@ class MixtureOfStochasticExperts(nn.Module):
         sample_chunk: int = 16,
     ) -> None:
         super().__init__()
-        if label_channels != 1:
-            raise ValueError(f"MoSE here segments one foreground class (label_channels=1), got {label_channels}")
+        if label_channels < 1:
+            raise ValueError(f"label_channels must be >= 1, got {label_channels}")
         if len(num_channels) < 2:
             raise ValueError(f"need at least two levels, got num_channels={tuple(num_channels)}")
         self.image_channels, self.label_channels = image_channels, label_channels
@@ -154,7 +157,8 @@ class MixtureOfStochasticExperts(nn.Module):
         self.num_levels = len(num_channels)
         self.backbone = MoSEUNet(image_channels, num_channels)
         self.gating = ExpertGating(num_channels[-2], num_experts)
-        self.injector = NoiseInjector(num_channels[0], latent_dim)
+        self.num_classes = 2 if label_channels == 1 else label_channels
+        self.injector = NoiseInjector(num_channels[0], latent_dim, self.num_classes)
         self.mu = nn.Parameter(_initial_means(num_experts, latent_dim))
         self.log_sigma = nn.Parameter(torch.full((num_experts, latent_dim), math.log(1 / 8)))
 
@@ -169,8 +173,7 @@ class MixtureOfStochasticExperts(nn.Module):
         return self.gating(global_features), dense
 
     def latent_codes(
-        self, expert_weights: torch.Tensor, num_samples: int, mode: str = "weighted",
-        generator: torch.Generator | None = None,
+        self, expert_weights: torch.Tensor, num_samples: int, mode: str = "weighted"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(z (B, N, L), sample weights (B, N)); reparameterised, so gradients reach mu and log sigma.
 
@@ -186,33 +189,69 @@ class MixtureOfStochasticExperts(nn.Module):
             experts = torch.arange(k, device=device).repeat(per_expert)[None].expand(b, -1)
             weights = expert_weights.gather(1, experts) / per_expert
         elif mode == "sampled":
-            experts = torch.multinomial(expert_weights.detach().float(), num_samples, replacement=True,
-                                        generator=generator)
+            experts = torch.multinomial(expert_weights.detach().float(), num_samples, replacement=True)
             weights = torch.full((b, num_samples), 1.0 / num_samples, device=device)
         else:
             raise ValueError(f"mode must be one of {SAMPLE_MODES}, got {mode!r}")
-        noise = torch.randn((b, num_samples, self.latent_dim), generator=generator, device=device)
+        noise = torch.randn((b, num_samples, self.latent_dim), device=device)
         z = self.mu[experts] + (torch.exp(self.log_sigma[experts]) + 1e-8) * noise.to(self.mu.dtype)
         return z, weights
 
     def foreground_probability(self, dense: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """(B, N, 1, H, W) foreground probabilities from dense features (B, C0, H, W) and z (B, N, L)."""
+        """(B, N, label_channels, H, W) class probabilities from dense features (B, C0, H, W) and z (B, N, L).
+
+        One label channel: the foreground of a softmax over {background, foreground}; several: the softmax over the
+        label channels themselves (one-hot classes, background included, as the Hippocampus labels).
+        """
         scores = self.injector(dense, z)
-        probs = torch.softmax(scores.float(), dim=1)[:, 1:]
-        return probs.reshape(z.shape[0], z.shape[1], 1, *dense.shape[2:])
+        probs = torch.softmax(scores.float(), dim=1)
+        probs = probs[:, 1:] if self.label_channels == 1 else probs
+        return probs.reshape(z.shape[0], z.shape[1], self.label_channels, *dense.shape[2:])
 
     def forward(self, image: torch.Tensor, num_samples: int = 16, mode: str = "weighted") -> dict[str, torch.Tensor]:
-        """Differentiable samples: ``{"probabilities": (B, N, 1, H, W), "weights": (B, N)}``."""
+        """Differentiable samples: ``{"probabilities": (B, N, label_channels, H, W), "weights": (B, N)}``."""
         expert_weights, dense = self.encode(image)
         z, weights = self.latent_codes(expert_weights, num_samples, mode)
         return {"probabilities": self.foreground_probability(dense, z), "weights": weights}
 
-    @torch.no_grad()
-    def sample(
-        self, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None, mode: str = "sampled"
-    ) -> dict[str, torch.Tensor]:
-        """Evaluation samples (``SamplingInferer``): as ``forward``, decoded in chunks, noise from ``generator``."""
-        expert_weights, dense = self.encode(image)
-        z, weights = self.latent_codes(expert_weights, num_samples, mode, generator)
-        parts = [self.foreground_probability(dense, chunk) for chunk in z.split(self.sample_chunk, dim=1)]
-        return {"probabilities": torch.cat(parts, dim=1), "weights": weights}
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a sample needs from the image, once per image: (expert weights pi (B, K), features (B, C0, H, W))."""
+        return self.encode(image)
+
+    def sample_rows(
+        self,
+        condition: tuple[torch.Tensor, torch.Tensor],
+        generators: Sequence[torch.Generator],
+        generation: torch.Tensor,
+        num_generations: int,
+        mode: str = "sampled",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation samples, one per row of ``condition`` (R rows of ``encode_image``'s output).
+
+        ``sampled``: expert k_r ~ Cat(pi_r) by inverse CDF of a uniform from ``generators[r]``, weight 1 / N.
+        ``weighted``: row r is draw s of expert k = generation_r mod K (N = num_generations must be a multiple of K),
+        weight pi_k / S with S = N / K. Then z_r = mu_k + sigma_k eps_r (eps_r from ``generators[r]``).
+        Returns (probabilities (R, label_channels, H, W) in [0, 1], weights (R,)).
+        """
+        expert_weights, dense = condition
+        k = self.num_experts
+        if mode == "weighted":
+            if num_generations % k:
+                raise ValueError(f"weighted sampling needs num_generations divisible by num_experts={k}, got "
+                                 f"{num_generations}")
+            experts = (generation % k).to(expert_weights.device)
+            weights = expert_weights.gather(1, experts[:, None])[:, 0] / (num_generations // k)
+        elif mode == "sampled":
+            uniform = rand_rows(generators, (1,), expert_weights.float())
+            cumulative = expert_weights.float().cumsum(dim=1)
+            experts = (uniform >= cumulative).sum(dim=1).clamp(max=k - 1)
+            weights = torch.full((len(generators),), 1.0 / num_generations, device=dense.device)
+        else:
+            raise ValueError(f"mode must be one of {SAMPLE_MODES}, got {mode!r}")
+        noise = randn_rows(generators, (self.latent_dim,), self.mu)
+        z = self.mu[experts] + (torch.exp(self.log_sigma[experts]) + 1e-8) * noise
+        parts = [
+            self.foreground_probability(dense[i : i + self.sample_chunk], z[i : i + self.sample_chunk, None])[:, 0]
+            for i in range(0, z.shape[0], self.sample_chunk)
+        ]
+        return torch.cat(parts), weights

@@ -10,8 +10,9 @@ Architecture of the official code (METHODS.md section 3):
 - f_comb: z tiled over the image and concatenated with the last U-Net features, ``num_fcomb_layers`` x (1x1 conv +
   ReLU), then a 1x1 conv to ``label_channels`` logits; orthogonal weight initialisation.
 
-Training feeds a posterior sample to f_comb and adds beta * KL(q || p) (``ProbUNetTrainer``); inference draws z from
-the prior (``sample``). Outputs are logits of independent binary channels (sigmoid), the binary form of the paper's
+Training feeds a posterior sample to f_comb and adds beta * KL(q || p) (``bundle.engines.steps.prob_unet``);
+inference draws z from the prior (``encode_image`` once per image, ``sample_rows`` per generation, driven by the
+ensemble inferer's ``LatentSampler``). Outputs are logits of independent binary channels (sigmoid), the binary form of the paper's
 softmax cross-entropy.
 """
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
+
+from bundle.runtime import randn_rows
 
 __all__ = ["VGGEncoder", "AxisAlignedGaussianNet", "ProbabilisticUNet"]
 
@@ -82,7 +85,7 @@ class ProbabilisticUNet(nn.Module):
         num_fcomb_layers: 1x1 conv + ReLU layers of f_comb before its output conv (3 in the paper).
         convs_per_block: conv layers per VGG block (3).
         posterior_shift: subtracted from the mask before it enters the posterior net (0.5, official code).
-        sample_chunk: most samples decoded per f_comb call in ``sample`` (memory bound).
+        sample_chunk: most samples decoded per f_comb call in ``sample_rows`` (memory bound).
     """
 
     def __init__(
@@ -180,23 +183,28 @@ class ProbabilisticUNet(nn.Module):
         dist = self.prior(image) if segmentation is None else self.posterior(image, segmentation)
         return self.combine(self.unet_features(image), dist.rsample())
 
-    @torch.no_grad()
-    def sample(
-        self, image: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """``num_samples`` prior samples per image: ``{"probabilities": (B, N, C, H, W) in [0, 1]}``.
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a sample needs from the image, once per image: (U-Net features (B, C0, H, W), prior mean and
+        standard deviation (B, latent_dim) each)."""
+        prior = self.prior(image)
+        return self.unet_features(image), prior.base_dist.loc, prior.base_dist.scale
 
-        The U-Net and the prior run once per image; only f_comb runs per sample.
+    def sample_rows(
+        self,
+        condition: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        generators: Sequence[torch.Generator],
+        generation: torch.Tensor | None = None,
+        num_generations: int | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Prior samples: z_r = mu_r + sigma_r eps_r with eps_r from ``generators[r]``, decoded by f_comb.
+
+        ``condition`` holds R rows of ``encode_image``'s output (one per generation); returns (probabilities
+        (R, label_channels, H, W) in [0, 1], None). Only f_comb runs per sample, in chunks of ``sample_chunk``.
         """
-        features, prior = self.unet_features(image), self.prior(image)
-        b = image.shape[0]
-        noise = torch.randn((b, num_samples, self.latent_dim), generator=generator, device=image.device)
-        z = prior.base_dist.loc[:, None] + prior.base_dist.scale[:, None] * noise.to(image.dtype)
-        out = []
-        for i in range(b):
-            parts = [
-                torch.sigmoid(self.combine(features[i : i + 1].expand(len(chunk), -1, -1, -1), chunk))
-                for chunk in z[i].split(self.sample_chunk)
-            ]
-            out.append(torch.cat(parts))
-        return {"probabilities": torch.stack(out)}
+        features, loc, scale = condition
+        z = loc + scale * randn_rows(generators, (self.latent_dim,), loc)
+        parts = [
+            torch.sigmoid(self.combine(features[i : i + self.sample_chunk], z[i : i + self.sample_chunk]))
+            for i in range(0, z.shape[0], self.sample_chunk)
+        ]
+        return torch.cat(parts), None

@@ -1,7 +1,7 @@
 """Paper-style result tables from finished evaluation runs: mean +- std over folds and paired t-tests.
 
 Input: one evaluation folder per (method, fold) holding the ``metrics_per_image.csv`` that
-``bundle.engines.report_writer.SegmentationReportWriter`` writes (columns ``image``, then ``<metric>`` for one
+``bundle.handlers.reports.SegmentationReportWriter`` writes (columns ``image``, then ``<metric>`` for one
 class or ``<metric>_<class>`` per class). For every method and table column:
 
 - the fold score is the mean over that fold's images (a ``<metric>_mean`` column is first averaged over the

@@ -1,7 +1,17 @@
-"""Writing inference results next to each other: a mask and an uncertainty map per input image."""
+"""Writing predictions: a mask and an uncertainty map per input image (PNG) or per input volume (NIfTI).
+
+- ``SaveMaskAndUncertaintyd``: 2-D images -> ``masks/<stem>.png`` and ``uncertainty/<stem>.png``;
+- ``SaveVolumeAndUncertaintyd``: volumes -> ``masks/<name>.nii.gz`` (uint8 labels) and
+  ``uncertainty/<name>.nii.gz`` (float32), both in the input file's voxel grid with its affine and header;
+- ``save_label_volume`` / ``onehot_to_label_map``: the NIfTI writing they and the evaluation's prediction
+  writer (``bundle.handlers.predictions``) share.
+
+Nothing that exists is replaced unless ``overwrite``; NIfTI files are written atomically.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +21,7 @@ import torch
 from monai.transforms import MapTransform
 from PIL import Image
 
-from bundle.engines.flags import as_bool
+from bundle.runtime import as_bool
 
 
 class SaveMaskAndUncertaintyd(MapTransform):
@@ -52,4 +62,114 @@ class SaveMaskAndUncertaintyd(MapTransform):
             unc = torch.as_tensor(d[self.uncertainty_key]).detach().cpu().float().amax(0)
             scaled = (unc / 0.5).clamp(0, 1).mul(255).round().byte().numpy()
             self._write(scaled, self.output_dir / "uncertainty" / f"{stem}.png")
+        return d
+
+
+def onehot_to_label_map(onehot: torch.Tensor | np.ndarray, first_class: int = 1) -> np.ndarray:
+    """(C, *spatial) disjoint one-hot channels -> uint8 (*spatial) label map; channel c has value first_class + c.
+
+    With ``first_class = 1`` (background channel dropped) a voxel in no channel is background (0).
+    """
+    array = np.asarray(torch.as_tensor(onehot).detach().cpu().numpy()) > 0.5
+    values = np.arange(first_class, first_class + array.shape[0]).reshape(-1, *([1] * (array.ndim - 1)))
+    return (array * values).sum(axis=0).astype(np.uint8)
+
+
+def save_label_volume(
+    label_map: np.ndarray, affine: np.ndarray, reference_path: str | os.PathLike, output_path: str | os.PathLike,
+    overwrite: bool = False, dtype: type | np.dtype = np.uint8,
+) -> Path:
+    """Write a label map computed in a reoriented space back in the voxel order of ``reference_path``.
+
+    Args:
+        label_map: (H, W, D) integer labels in the processing orientation.
+        affine: the 4x4 voxel-to-world affine of ``label_map`` (the image's ``meta["affine"]`` after
+            ``Orientationd``).
+        reference_path: the input NIfTI image; its affine and header are copied (data type uint8).
+        output_path: ``.nii.gz`` (or ``.nii``) file to write, atomically.
+        overwrite: replace an existing file.
+        dtype: stored data type (uint8 for labels; float32 for a map such as the ensemble's uncertainty).
+
+    Raises:
+        ValueError: the label map does not map onto the reference grid by an axis permutation/flip (the message
+            names the reference file), e.g. because it was cropped or resampled.
+        FileExistsError: ``output_path`` exists and ``overwrite`` is False.
+    """
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    reference = nib.load(os.fspath(reference_path))
+    affine = np.asarray(affine, dtype=float)
+    transform = ornt_transform(io_orientation(affine), io_orientation(reference.affine))
+    restored = apply_orientation(np.asarray(label_map), transform)
+    restored_affine = affine @ inv_ornt_aff(transform, np.asarray(label_map).shape)
+    if restored.shape != reference.shape[:3] or not np.allclose(restored_affine, reference.affine, atol=1e-3):
+        raise ValueError(
+            f"{reference_path}: prediction of shape {np.asarray(label_map).shape} with affine\n{affine}\ndoes not map "
+            f"onto this image's grid {reference.shape[:3]} by reorientation alone (was it cropped or resampled?)"
+        )
+    output_path = Path(output_path)
+    if output_path.exists() and not overwrite:
+        raise FileExistsError(f"{output_path}: exists already; pass '--overwrite true' or another output folder")
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    image = nib.Nifti1Image(np.ascontiguousarray(restored.astype(dtype)), reference.affine, header)
+    image.header.set_slope_inter(1.0, 0.0)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if output_path.name.endswith(".gz") else ".nii"
+    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, output_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return output_path
+
+
+def volume_file_stem(path: str | os.PathLike) -> str:
+    """``a/b/x.nii.gz`` -> ``x`` (also ``.nii``, ``.nrrd``, ``.mha``, ``.mhd``)."""
+    name = Path(str(path)).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+class SaveVolumeAndUncertaintyd(MapTransform):
+    """Save a volume's labels and uncertainty as NIfTI files named after the input, in the input's voxel grid.
+
+    Reads ``mask`` (1, H, W, D) integer labels (0 background) and ``uncertainty`` (1, H, W, D) float, both already
+    in the input's orientation (after ``Invertd``), and the input file from the image's ``filename_or_obj``; writes
+    ``<output_dir>/masks/<stem>.nii.gz`` (uint8) and ``<output_dir>/uncertainty/<stem>.nii.gz`` (float32) with the
+    input's affine and header. An existing file is never replaced unless ``overwrite`` is true.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        mask_key: str = "mask",
+        uncertainty_key: str = "uncertainty",
+        image_key: str = "image",
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__([mask_key], allow_missing_keys=False)
+        self.output_dir = Path(output_dir)
+        self.mask_key, self.uncertainty_key, self.image_key = mask_key, uncertainty_key, image_key
+        self.overwrite = as_bool(overwrite, "overwrite")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        meta = getattr(d[self.image_key], "meta", {})
+        source = meta.get("filename_or_obj")
+        if not source:
+            raise ValueError("SaveVolumeAndUncertaintyd needs the input image's file name (filename_or_obj)")
+        stem = volume_file_stem(source)
+        affine = torch.as_tensor(getattr(d[self.mask_key], "meta", {}).get("affine", meta.get("affine"))).cpu().numpy()
+        labels = torch.as_tensor(d[self.mask_key]).detach().cpu()[0].numpy().round().astype(np.uint8)
+        save_label_volume(labels, affine, source, self.output_dir / "masks" / f"{stem}.nii.gz", self.overwrite)
+        if self.uncertainty_key in d:
+            unc = torch.as_tensor(d[self.uncertainty_key]).detach().cpu().float().amax(0).numpy()
+            save_label_volume(unc, affine, source, self.output_dir / "uncertainty" / f"{stem}.nii.gz", self.overwrite,
+                              dtype=np.float32)
         return d

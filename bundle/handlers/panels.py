@@ -1,4 +1,8 @@
-"""PNG panels of image / ground truth / ensemble mean / uncertainty for a few validation images."""
+"""PNG panels of image / ground truth / ensemble mean / uncertainty for a few validation images.
+
+2-D images are shown whole; volumes (C, H, W, D) by their middle slice along the last (axial) axis. Several label
+channels are shown as one: the largest probability (and uncertainty) over the channels, any foreground label.
+"""
 
 from __future__ import annotations
 
@@ -24,19 +28,27 @@ def _to_uint8(x: torch.Tensor, lo: float | None = None, hi: float | None = None)
     return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
 
 
+def as_panel_image(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) unchanged; (C, H, W, D) -> its middle slice (C, H, W)."""
+    x = torch.as_tensor(x).detach()
+    return x[..., x.shape[-1] // 2] if x.ndim == 4 else x
+
+
 def compose_panel(rows: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    """Grid (H * rows, W * 4, 3) uint8: image (own range), label (>0 white), mean probability, uncertainty.
+    """Grid (sum of H, 4 * largest W, 3) uint8: image (own range), label (>0 white), mean probability, uncertainty.
 
     The uncertainty column maps a standard deviation of 0.5 (the largest possible for probabilities) to white.
     """
     tiles = []
     for r in rows:
-        label = (torch.as_tensor(r["label"]) > 0).float()
-        cols = [_to_uint8(r["image"]), _to_uint8(label[:1], 0, 1), _to_uint8(r["pred"][:1], 0, 1)]
+        r = {k: as_panel_image(v) for k, v in r.items()}
+        label = (r["label"] > 0).float().amax(0, keepdim=True)
+        cols = [_to_uint8(r["image"]), _to_uint8(label, 0, 1), _to_uint8(r["pred"].float().amax(0, keepdim=True), 0, 1)]
         unc = r.get("uncertainty")
-        cols.append(_to_uint8(unc[:1], 0, 0.5) if unc is not None else np.zeros_like(cols[0]))
+        cols.append(_to_uint8(unc.float().amax(0, keepdim=True), 0, 0.5) if unc is not None else np.zeros_like(cols[0]))
         tiles.append(np.concatenate(cols, axis=1))
-    return np.concatenate(tiles, axis=0)
+    width = max(t.shape[1] for t in tiles)  # images of different sizes: rows padded on the right
+    return np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles], axis=0)
 
 
 class PredictionPanelWriter:

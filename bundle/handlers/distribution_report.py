@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.engines.report_writer import summarise
-from bundle.engines.flags import as_bool
+from bundle.handlers.reports import summarise
+from bundle.runtime import as_bool
 
 __all__ = ["DistributionReportWriter"]
 

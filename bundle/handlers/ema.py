@@ -1,12 +1,14 @@
-"""Exponential moving average (EMA) of a network's weights, kept in a second network of the same class.
+"""Exponential moving average (EMA) of a network's weights, as a trainer handler any method can switch on.
 
-The bundle's ``network`` (validated, saved as ``models/model.pt``, loaded by evaluate/inference) holds the EMA
-weights; the optimiser trains ``trainable_copy(network)``, put on its device by ``prepare_network`` (so it may be
-wrapped in ``DistributedDataParallel`` and/or ``torch.compile``; the EMA network stays a plain module). After every
-optimiser step ``ema <- decay * ema + (1 - decay) * trained`` for the parameters
-(``torch.optim.swa_utils.get_ema_multi_avg_fn``, the update of ``AveragedModel``), and the buffers are copied.
-Both networks start equal, as in improved-diffusion: the EMA takes the trained network's weights when it is built,
-which under DDP are rank 0's (DDP broadcasts them when it wraps the network), so every rank holds the same EMA.
+With ``ema_decay`` set in the configs, the optimiser trains ``train_network`` (put on its device by
+``prepare_network``, so it may be wrapped in ``DistributedDataParallel`` and/or ``torch.compile``) and the
+bundle's ``network`` (validated, saved as ``models/model.pt``, loaded by evaluate/inference) is
+``averaged_copy(train_network)``, a plain module holding the EMA weights. After every iteration
+``ema <- decay * ema + (1 - decay) * trained`` for the parameters (``torch.optim.swa_utils.get_ema_multi_avg_fn``,
+the update of ``AveragedModel``), and the buffers are copied. Both networks start equal, as in improved-diffusion:
+the EMA takes the trained network's weights when it is built, which under DDP are rank 0's (DDP broadcasts them
+when it wraps the network), so every rank holds the same EMA. SegDiff uses it (0.9999 in the reference); the
+reference cDAL evaluates an EMA of its generator on Hippocampus (0.999).
 """
 
 from __future__ import annotations
@@ -15,21 +17,23 @@ import copy
 from collections.abc import Mapping
 
 import torch
+from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from bundle.diffusion.samplers import unwrap_network
+from bundle.runtime import unwrap_network
 
-__all__ = ["ExponentialMovingAverage", "trainable_copy"]
+__all__ = ["ExponentialMovingAverage", "averaged_copy"]
 
 
-def trainable_copy(network: nn.Module) -> nn.Module:
-    """A deep copy of ``network`` (same weights and device) with gradients enabled, for the optimiser."""
-    return copy.deepcopy(network).requires_grad_(True).train()
+def averaged_copy(network: nn.Module) -> nn.Module:
+    """A plain deep copy of ``network`` (unwrapped from DDP / compile; same weights and device), gradients off,
+    in evaluation mode: the network that holds the EMA."""
+    return copy.deepcopy(unwrap_network(network)).requires_grad_(False).eval()
 
 
 class ExponentialMovingAverage:
-    """EMA of ``network``'s parameters in ``ema_network``; call ``update()`` after each optimiser step.
+    """EMA of ``network``'s parameters in ``ema_network``: a trainer handler (``update()`` after every iteration).
 
     Args:
         network: the trained network, plain or wrapped in DDP / ``torch.compile`` (the average reads the module
@@ -87,6 +91,9 @@ class ExponentialMovingAverage:
             self._average(ema_params, params, self.num_updates)
         self._copy_buffers()
         self.num_updates += 1
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: self.update())
 
     def state_dict(self) -> dict[str, int | float]:
         return {"num_updates": self.num_updates, "decay": self.decay}

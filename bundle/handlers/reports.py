@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.engines.flags import as_bool
+from bundle.runtime import as_bool
 
 
 def _filename(item: dict) -> str:

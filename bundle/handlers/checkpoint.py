@@ -1,10 +1,15 @@
 """Atomic checkpoints: the last training state every epoch and the best model by a validation metric.
 
 Files (``save_dir`` is the bundle's ``models/`` folder):
-- ``model.pt``: the state dict of the network used for inference (the cDAL generator), saved when the key
-  validation metric improves; this is what ``evaluate.yaml``, ``inference.yaml`` and MONAI Label load.
-- ``checkpoints/last.pt``: everything ``--resume`` needs (networks, optimizers, LR schedulers, the trainer's
-  epoch and iteration, the best metric so far).
+- ``model.pt``: the plain state dict of the network used for inference (the bundle's ``network``: the cDAL
+  generator, the EMA of a network trained with EMA, ...), saved when the key validation metric improves; this is
+  what ``evaluate.yaml``, ``inference.yaml`` and MONAI Label load.
+- ``checkpoints/last.pt``: everything ``--resume`` needs, built by :func:`training_state` from the method's
+  slots: ``networks``, ``optimizers`` and ``lr_schedulers`` (each a dict by name, e.g.
+  ``last["optimizers"]["generator"]``), the EMA network and state when EMA is on, the method's extra objects
+  (``checkpoint_extras``, e.g. MoSE's gamma schedule), the trainer's epoch and iteration, the best metric so far.
+  Checkpoints of the bundle before the method-neutral layout (flat keys ``generator``, ``g_optimizer``, ...) are
+  converted on resume by :func:`upgrade_legacy_state`.
 Each file is written to a temporary name in the same folder and moved over the old one with ``os.replace``, so a
 crash never leaves a half-written checkpoint. Under ``torch.distributed`` the handler exists on every rank (it
 runs no collective operation), every rank restores from ``last.pt``, and only rank 0 writes; networks are saved
@@ -24,11 +29,9 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
+from ignite.handlers import Checkpoint
 
-from bundle.diffusion.samplers import unwrap_network
-from bundle.engines.seeding import process_rank
-from bundle.engines.flags import as_bool
+from bundle.runtime import as_bool, process_rank, unwrap_network
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,90 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+class StateCollection:
+    """Objects with ``state_dict``/``load_state_dict`` by name, saved and restored as one nested dict.
+
+    Networks are saved without their DDP / compile wrappers. Loading requires the same names as the saved ones.
+    """
+
+    def __init__(self, objects: Mapping[str, Any] | None) -> None:
+        self.objects = dict(objects or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: _unwrapped(v).state_dict() for k, v in self.objects.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        if set(state) != set(self.objects):
+            raise KeyError(f"the checkpoint holds {sorted(state)}, this run expects {sorted(self.objects)}")
+        for name, obj in self.objects.items():
+            target = _unwrapped(obj)
+            if isinstance(target, torch.nn.Module):
+                target.load_state_dict(state[name], strict=strict)
+            else:
+                target.load_state_dict(state[name])
+
+
+def training_state(
+    networks: Mapping[str, Any],
+    optimizers: Mapping[str, Any],
+    lr_schedulers: Mapping[str, Any] | None = None,
+    extras: Mapping[str, Any] | None = None,
+    ema_network: torch.nn.Module | None = None,
+    ema: Any = None,
+) -> dict[str, Any]:
+    """The ``save_dict`` of ``AtomicCheckpointSaver`` from a method's slots (module docstring).
+
+    ``ema_network``/``ema`` are saved only when EMA is on (``ema`` not None).
+    """
+    state: dict[str, Any] = {
+        "networks": StateCollection(networks),
+        "optimizers": StateCollection(optimizers),
+        "lr_schedulers": StateCollection(lr_schedulers),
+    }
+    if ema is not None:
+        state["ema_network"] = ema_network
+        state["ema"] = ema
+    for name, obj in (extras or {}).items():
+        if name in state:
+            raise ValueError(f"checkpoint_extras may not use the reserved name {name!r}")
+        state[name] = obj
+    return state
+
+
+# flat keys of checkpoints written before the method-neutral layout -> (group, name) in the new one
+LEGACY_KEYS = {
+    "generator": ("networks", "generator"),
+    "discriminator": ("networks", "discriminator"),
+    "g_optimizer": ("optimizers", "generator"),
+    "d_optimizer": ("optimizers", "discriminator"),
+    "g_lr_scheduler": ("lr_schedulers", "generator"),
+    "d_lr_scheduler": ("lr_schedulers", "discriminator"),
+    "network": ("networks", "network"),
+    "optimizer": ("optimizers", "network"),
+    "lr_scheduler": ("lr_schedulers", "network"),
+}
+
+
+def upgrade_legacy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint of the earlier flat layout (cDAL ``generator``/``g_optimizer``/..., SegDiff ``network``/
+    ``ema_network``/``optimizer``/``ema``, the baselines' ``network``/``optimizer``/``lr_scheduler``) in the
+    nested layout of :func:`training_state`; a checkpoint already nested is returned unchanged.
+
+    A SegDiff checkpoint saved an unused ``lr_scheduler`` of None; empty groups become empty dicts.
+    """
+    if "networks" in state:
+        return dict(state)
+    out: dict[str, Any] = {"networks": {}, "optimizers": {}, "lr_schedulers": {}}
+    for key, value in state.items():
+        if key in LEGACY_KEYS:
+            group, name = LEGACY_KEYS[key]
+            if value is not None:
+                out[group][name] = value
+        else:
+            out[key] = value
+    return out
 
 
 def _state_of(obj: Any) -> Any:
@@ -122,8 +209,22 @@ class AtomicCheckpointSaver:
         if self.resume:
             if not self.last_path.is_file():
                 raise FileNotFoundError(f"{self.last_path}: --resume was requested but there is no checkpoint here")
-            loader = CheckpointLoader(str(self.last_path), self._objects(), map_location=self.map_location)
-            loader(engine)
+            checkpoint = torch.load(self.last_path, map_location=self.map_location, weights_only=True)
+            checkpoint = upgrade_legacy_state(checkpoint)
+            objects = self._objects()
+            missing = sorted(set(objects) - set(checkpoint))
+            if missing:
+                raise KeyError(f"{self.last_path}: no {', '.join(missing)} in this checkpoint (it holds "
+                               f"{sorted(checkpoint)}); was it written by another method?")
+            max_epochs = engine.state.max_epochs  # this run's target, which the checkpoint's must not replace
+            try:
+                Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
+            except (KeyError, RuntimeError, ValueError) as err:
+                raise ValueError(f"{self.last_path}: does not fit this run's networks/optimizers: {err}") from err
+            if max_epochs is not None and engine.state.epoch > max_epochs:
+                raise ValueError(f"{self.last_path}: the checkpoint is at epoch {engine.state.epoch}, beyond "
+                                 f"--max_epochs {max_epochs}; give a larger --max_epochs to continue")
+            engine.state.max_epochs = max_epochs
             logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}")
             return
         existing = [p for p in (self.model_path, self.last_path) if p.exists()]

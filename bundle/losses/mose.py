@@ -11,7 +11,7 @@ For one image with samples s_1..s_N (foreground probabilities, weights w_n = pi_
   with torch's element-wise 'mean' reduction over images and samples, as the reference.
 
 gamma starts at 1/2 and becomes 1 when the epoch-mean training loss has not improved for ``patience`` (10) epochs
-(:class:`GammaPlateauSchedule`, the reference's ``m_scheduler``). beta is 1 for four annotators (10 for one).
+(:class:`GammaPlateauSchedule`, the reference's ``m_scheduler``; attached to the trainer as a handler). beta is 1 for four annotators (10 for one).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
 
 __all__ = ["soft_iou_cost", "greedy_coupling", "MoSEOptimalTransportLoss", "GammaPlateauSchedule"]
 
@@ -132,6 +133,7 @@ class GammaPlateauSchedule:
         self.best = math.inf
         self.bad_epochs = 0
         self.index = 0
+        self._epoch = [0.0, 0]
 
     def step(self, value: float) -> bool:
         """Record one epoch's value; returns True when gamma changed."""
@@ -147,6 +149,23 @@ class GammaPlateauSchedule:
             self.best, self.bad_epochs = math.inf, 0
             return True
         return False
+
+    def attach(self, engine: Engine) -> None:
+        """As a trainer handler: accumulate the iterations' ``loss`` and ``step`` with the epoch mean."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _reset(self, engine: Engine) -> None:
+        self._epoch = [0.0, 0]
+
+    def _accumulate(self, engine: Engine) -> None:
+        self._epoch[0] += float(engine.state.output["losses"]["loss"])
+        self._epoch[1] += 1
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if self._epoch[1] and self.step(self._epoch[0] / self._epoch[1]):
+            engine.logger.info(f"epoch {engine.state.epoch}: OT gamma -> {self.loss.gamma}")
 
     def state_dict(self) -> dict[str, float | int]:
         return {"best": self.best, "bad_epochs": self.bad_epochs, "index": self.index, "gamma": self.loss.gamma}

@@ -1,0 +1,198 @@
+"""The one ensemble inferer of the bundle: N generations per image, averaged, for every method and data shape.
+
+``EnsembleInferer`` is a MONAI ``Inferer``: ``inferer(images, network)`` returns the mean foreground probability
+(B, C, *spatial) in [0, 1], or, when several ``outputs`` are asked for, a dict that adds the per-pixel uncertainty
+(standard deviation of the generations' probabilities), the samples and the sample weights. What a generation is
+comes from the method's sampler (``bundle.inferers.samplers``): a diffusion chain, a latent draw of a Probabilistic
+U-Net or MoSE, or the one prediction of a deterministic U-Net. For every method:
+
+- the image-dependent part runs once per image (``sampler.encode``); the N generations of an image run as one
+  batch (optionally in chunks of ``generation_batch_size`` rows);
+- one seeding rule: with a ``seed``, the noise of an image is a function of the seed and the image's file name
+  (``filename_or_obj`` in the input's metadata), so an image gets the same generations whatever batch, rank or
+  order it comes in; each generation draws from its own ``torch.Generator``, so batched == sequential;
+- one place for reduced precision: ``autocast`` runs the network calls in bf16/fp16 (``AutocastNetwork``) while
+  the sampler's arithmetic and the averaging stay fp32;
+- one tiling rule: 2-D images larger (or smaller) than ``roi_size`` go through MONAI's ``SlidingWindowInferer``
+  (MoNuSeg protocol: a 512x512 image as four non-overlapping 256x256 tiles); 3-D volumes (B, C, H, W, D) go
+  slice by slice along ``slice_axis`` through MONAI's ``SliceInferer`` with 2-D windows of ``roi_size`` and
+  ``overlap`` (the cDAL Hippocampus protocol: axial 32x32 windows, overlap 0.75), overlapping windows averaged.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
+from torch import nn
+
+from bundle.inferers.autocast import AutocastNetwork, autocast_dtype
+from bundle.inferers.samplers import Sampler, repeat_rows, take_rows
+from bundle.runtime import unwrap_network
+
+__all__ = ["EnsembleInferer", "OUTPUT_KEYS"]
+
+OUTPUT_KEYS = ("mean", "uncertainty", "samples", "weights")
+
+
+class EnsembleInferer(Inferer):
+    """Average ``num_generations`` samples of a segmentation method per image (module docstring).
+
+    Args:
+        sampler: the method's sampler (``DiffusionSampler``, ``LatentSampler``, ``DeterministicSampler``).
+        num_generations: ensemble size N (cDAL: 5 on MoNuSeg, 30 on CXR; SegDiff: 9; U-Net: 1).
+        outputs: names from ``("mean", "uncertainty", "samples", "weights")``; one name returns a tensor, several a
+            dict. ``samples`` is (B, N * C, *spatial), generation-major; ``weights`` (B, N) the samples' weights
+            (uniform 1 / N unless the sampler weighs them, as MoSE's weighted form; whole-image inference only).
+        roi_size: the 2-D window (None: whole 2-D images in one pass; whole slices for volumes).
+        sw_batch_size: windows per network batch (each runs N rows).
+        overlap: window overlap (0 for the MoNuSeg protocol, 0.75 for the Hippocampus slices).
+        slice_axis: axis among the spatial axes (H, W, D) = (0, 1, 2) along which a volume is cut into 2-D slices
+            (2 = axial for LPI/RAS volumes); None: volumes are refused (2-D models only).
+        label_channels: label channels C, when the network has no ``label_channels`` attribute.
+        generation_batch_size: most rows (image x generation) per sampler call; None: all at once.
+        seed: seed of the noise (see the module docstring); None: torch's global random stream.
+        autocast: "bfloat16" / "float16" / True (bf16) for reduced-precision network calls; None/False: fp32.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        num_generations: int = 5,
+        outputs: str | Sequence[str] = ("mean", "uncertainty"),
+        roi_size: Sequence[int] | int | None = None,
+        sw_batch_size: int = 4,
+        overlap: float = 0.0,
+        slice_axis: int | None = None,
+        label_channels: int = 1,
+        generation_batch_size: int | None = None,
+        seed: int | None = None,
+        autocast: str | torch.dtype | bool | None = None,
+    ) -> None:
+        super().__init__()
+        if int(num_generations) < 1:
+            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        self.sampler = sampler
+        self.num_generations = int(num_generations)
+        self.outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        if not self.outputs or set(self.outputs) - set(OUTPUT_KEYS):
+            raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_KEYS}, got {self.outputs}")
+        if roi_size is not None:
+            roi_size = [int(roi_size)] * 2 if isinstance(roi_size, int) else [int(s) for s in roi_size]
+            if len(roi_size) != 2:
+                raise ValueError(f"roi_size must be a 2-D window (H, W), got {roi_size}")
+        self.roi_size = roi_size
+        self.sw_batch_size = int(sw_batch_size)
+        self.overlap = float(overlap)
+        self.slice_axis = None if slice_axis is None else int(slice_axis)
+        self.label_channels = int(label_channels)
+        self.generation_batch_size = generation_batch_size
+        self.seed = seed
+        self.autocast = autocast_dtype(autocast)
+        self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+
+    # -------------------------------------------------------------------------------------------- noise
+    def noise_stream(self, inputs: torch.Tensor) -> torch.Generator | None:
+        """The random stream of one call: from the seed and the images' file names when both exist."""
+        if self.seed is None:
+            return None
+        names = inputs.meta.get("filename_or_obj") if isinstance(inputs, MetaTensor) else None
+        if not names:
+            return self._stream
+        key = "|".join(str(n) for n in (names if isinstance(names, (list, tuple)) else [names]))
+        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + zlib.crc32(key.encode()))
+
+    @staticmethod
+    def row_generators(rows: int, device: torch.device, stream: torch.Generator | None) -> list[torch.Generator]:
+        """``rows`` generators on ``device`` seeded from ``stream`` (None: torch's global stream)."""
+        seeds = torch.randint(0, 2**62, (rows,), generator=stream)
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    # -------------------------------------------------------------------------------------------- calls
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor | dict:
+        """Ensemble prediction for images (B, C_img, H, W) or volumes (B, C_img, H, W, D)."""
+        stream = self.noise_stream(inputs)
+        if isinstance(inputs, MetaTensor):  # per-row slicing must not split batched metadata
+            inputs = inputs.as_tensor()
+        run = partial(self.ensemble, network=network, stream=stream)
+        if inputs.ndim == 5:
+            if self.slice_axis is None:
+                raise ValueError(
+                    f"got a volume of shape {tuple(inputs.shape)} but this inferer is 2-D; set slice_axis (e.g. "
+                    "--slice_axis 2) to infer it slice by slice"
+                )
+            slice_shape = [s for a, s in enumerate(inputs.shape[2:]) if a != self.slice_axis]
+            slicer = SliceInferer(
+                spatial_dim=self.slice_axis, roi_size=tuple(self.roi_size or slice_shape),
+                sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="constant",
+            )
+            self._refuse_tiled_weights()
+            return slicer(inputs, run)
+        if inputs.ndim != 4:
+            raise ValueError(f"expected images (B, C, H, W) or volumes (B, C, H, W, D), got {tuple(inputs.shape)}")
+        if self.roi_size is None or list(inputs.shape[2:]) == self.roi_size:
+            return run(inputs)
+        self._refuse_tiled_weights()
+        window = SlidingWindowInferer(
+            roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="constant"
+        )
+        return window(inputs, run)
+
+    def _refuse_tiled_weights(self) -> None:
+        if "weights" in self.outputs:
+            raise ValueError("the 'weights' output needs whole-image inference: windows and slices have their own")
+
+    @torch.no_grad()
+    def ensemble(
+        self,
+        images: torch.Tensor,
+        network: nn.Module,
+        generators: Sequence[torch.Generator] | None = None,
+        stream: torch.Generator | None = None,
+    ) -> torch.Tensor | dict:
+        """Ensemble over one batch of 2-D images (B, C_img, H, W), no tiling.
+
+        ``generators`` (B * N, image-major) fixes the noise; otherwise they are seeded from ``stream``.
+        """
+        if isinstance(images, MetaTensor):
+            images = images.as_tensor()
+        batch, n = images.shape[0], self.num_generations
+        channels = int(getattr(unwrap_network(network), "label_channels", self.label_channels))
+        label_shape = (channels, *images.shape[2:])
+        if generators is None:
+            generators = self.row_generators(batch * n, images.device, stream)
+        if len(generators) != batch * n:
+            raise ValueError(f"need {batch * n} generators (batch {batch} x {n} generations), got {len(generators)}")
+        if self.autocast is not None:
+            network = AutocastNetwork(network, self.autocast)
+        condition = repeat_rows(self.sampler.encode(network, images), n)
+        generation = torch.arange(n, device=images.device).repeat(batch)
+        chunk = self.generation_batch_size or batch * n
+        probabilities, weights = [], []
+        for start in range(0, batch * n, chunk):
+            stop = min(start + chunk, batch * n)
+            probs, w = self.sampler.sample(
+                network, take_rows(condition, start, stop), label_shape, generators[start:stop],
+                generation[start:stop], n,
+            )
+            probabilities.append(probs.float())
+            weights.append(torch.full((stop - start,), 1.0 / n, device=probs.device) if w is None else w.float())
+        probs = torch.cat(probabilities).reshape(batch, n, *label_shape)
+        w = torch.cat(weights).reshape(batch, n)
+        w_b = w.reshape(batch, n, *([1] * len(label_shape)))
+        mean = (w_b * probs).sum(1)
+        variance = (w_b * (probs - mean[:, None]) ** 2).sum(1)
+        result = {
+            "mean": mean,
+            "uncertainty": variance.clamp(min=0).sqrt(),
+            "samples": probs.reshape(batch, n * channels, *label_shape[1:]),
+            "weights": w,
+        }
+        if len(self.outputs) == 1:
+            return result[self.outputs[0]]
+        return {k: result[k] for k in self.outputs}

@@ -1,0 +1,7 @@
+"""Method losses that are not one-liners; every module is imported for the configs."""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,0 +1,118 @@
+"""Every method x dataset x workflow of the bundle, composed from the configs and run in-process on tiny data.
+
+Used by tests/test_config_matrix.py (composition only) and tests/test_workflow_matrix.py (real runs). A cell is
+``(method, dataset)``; its three workflows are
+
+- ``training``: configs/train.yaml + the method and dataset overlays;
+- ``evaluating``: configs/train.yaml + configs/evaluate.yaml + the overlays;
+- ``inference``: configs/inference.yaml + the overlays.
+
+``TINY`` holds the overrides that make a cell run in seconds on a CPU: small networks, one short epoch, two
+generations, small images. The data are written by the project's own generators, in each dataset's on-disk layout.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+METHODS = ("cdal", "segdiff", "unet", "prob_unet", "mose")
+DATASETS = ("synthetic", "monuseg", "cxr", "hippocampus", "lidc")
+WORKFLOWS = {
+    "training": ("train.yaml",),
+    "evaluating": ("train.yaml", "evaluate.yaml"),
+    "inference": ("inference.yaml",),
+}
+
+# small networks: the same overrides serve training, evaluation and inference of a cell
+TINY_METHOD: dict[str, dict[str, Any]] = {
+    "cdal": {
+        "network_def#num_channels": 8, "network_def#channel_mult": [1, 2], "network_def#nz": 4,
+        "network_def#z_emb_dim": 8, "network_def#cond_enc_layers": 1, "discriminator_def#ngf": 2,
+        "discriminator_def#channel_mult": [1, 1, 1],
+    },
+    "segdiff": {
+        "network_def#channel_mult": [1, 1], "network_def#attention_resolutions": [], "network_def#rrdb_features": 8,
+        "network_def#rrdb_growth": 4, "network_def#num_heads": 1, "sampling_steps": 2, "num_timesteps": 20,
+        "beta_schedule": "paper",
+    },
+    "unet": {"network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "network_def#num_res_units": 1},
+    "prob_unet": {"network_def#num_channels": [8, 16, 32], "latent_dim": 2, "network_def#num_fcomb_layers": 1},
+    "mose": {"network_def#num_channels": [8, 16, 32], "samples_per_expert": 2},
+}
+TINY_DATASET: dict[str, dict[str, Any]] = {
+    "synthetic": {"image_size": 64, "patch_size": 32, "batch_size": 2},
+    "monuseg": {"image_size": 64, "patch_size": 32, "batch_size": 2},
+    "cxr": {"image_size": 32, "patch_size": 32, "batch_size": 2},
+    "hippocampus": {"patch_size": 16, "image_size": 16, "crops_per_volume": 1, "slice_batch_size": 32},
+    "lidc": {"image_size": 32, "patch_size": 32, "batch_size": 2},
+}
+TINY_RUN = {"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "num_generations": 2, "loss_log_interval": 1}
+
+
+def config_files(workflow: str, method: str, dataset: str, method_first: bool = True) -> list[Path]:
+    """The config files of one cell, the method overlay before or after the dataset overlay."""
+    overlays = [CONFIGS / "methods" / f"{method}.yaml", CONFIGS / "datasets" / f"{dataset}.yaml"]
+    return [CONFIGS / f for f in WORKFLOWS[workflow]] + (overlays if method_first else overlays[::-1])
+
+
+def merged_config(files: Sequence[Path]) -> dict:
+    """The configs merged the way ``monai.bundle run --config_file [...]`` merges them (no parsing)."""
+    return ConfigParser.load_config_files([str(f) for f in files])
+
+
+def write_tiny_data(root: Path) -> dict[str, dict[str, Any]]:
+    """Tiny datasets in their original layouts under ``root``; returns per dataset the overrides that point at
+    them (``dataset_dir``/``dataset_root``) and the folder of raw inputs for inference (``input_dir``)."""
+    from bundle.data.cxr import write_synthetic_cxr
+    from bundle.data.hippocampus import write_synthetic_hippocampus
+    from bundle.data.lidc_synthetic import ensure_synthetic_lidc
+    from bundle.data.synthetic import ensure_synthetic_monuseg
+
+    root = Path(root)
+    monuseg = ensure_synthetic_monuseg(root / "monuseg", num_train=6, num_test=2, size=64, seed=0)
+    cxr = write_synthetic_cxr(root / "cxr", num_shenzhen=6, num_montgomery=3, size=48, seed=0)
+    hippo = write_synthetic_hippocampus(root / "hippocampus", num_cases=8, shape=(22, 26, 20), seed=0)
+    lidc = ensure_synthetic_lidc(root / "lidc", num_train=8, num_test=2, size=32, seed=0)
+    inputs = {}
+    for name, pattern, base in (("cxr", "CXR_png/*.png", cxr), ("hippocampus", "imagesTr/*.nii.gz", hippo),
+                                ("lidc", "testing/*/image_*.jpg", lidc)):
+        folder = root / f"{name}_inputs"
+        folder.mkdir(exist_ok=True)
+        for path in sorted(Path(base).glob(pattern))[:2]:
+            shutil.copy(path, folder / path.name)
+        inputs[name] = folder
+    synthetic_root = f"$bundle.data.synthetic.ensure_synthetic_monuseg('{monuseg}', num_train=6, num_test=2, size=64, seed=0)"
+    return {
+        "synthetic": {"dataset_root": synthetic_root, "input_dir": str(Path(monuseg) / "MoNuSegTestData")},
+        "monuseg": {"dataset_dir": str(monuseg), "input_dir": str(Path(monuseg) / "MoNuSegTestData")},
+        "cxr": {"dataset_dir": str(cxr), "input_dir": str(inputs["cxr"])},
+        "hippocampus": {"dataset_dir": str(hippo), "input_dir": str(inputs["hippocampus"])},
+        "lidc": {"dataset_dir": str(lidc), "input_dir": str(inputs["lidc"])},
+    }
+
+
+def run_cell(
+    workflow: str, method: str, dataset: str, bundle_root: Path, data: dict[str, Any], extra: dict | None = None
+) -> ConfigParser:
+    """Run one workflow of a cell in this process (``training``, ``evaluating`` or ``inference``)."""
+    overrides = {**TINY_METHOD[method], **TINY_DATASET[dataset], "bundle_root": str(bundle_root)}
+    if workflow == "inference":
+        overrides.update(num_generations=2, input_dir=data["input_dir"], output_dir=str(bundle_root / "inference"))
+    else:
+        overrides.update(TINY_RUN, tracking_uri=f"sqlite:///{bundle_root / 'mlruns.db'}")
+        overrides.update({k: v for k, v in data.items() if k != "input_dir"})
+    overrides.update(extra or {})
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files(workflow, method, dataset)])
+    for key, value in overrides.items():
+        parser[key] = value
+    parser.parse()
+    parser.get_parsed_content("run")
+    return parser
