@@ -5,13 +5,13 @@ For SegDiff (ancestral DDPM, T = 100, N = 9, and DDIM with 25 steps) and cDAL (T
 paper-size network (configs/paper/*) and the CPU-profile network (configs/methods/*), it reports:
 
 - seconds per image of the naive loop of the reference code (the image encoder recomputed inside every network
-  call, generations one after another at batch 1) and of the project's path (``EnsembleDiffusionInferer``: the
+  call, generations one after another at batch 1) and of the project's path (``EnsembleInferer``: the
   encoder once per image), the latter both as configured (the N generations as one batch) and with the CPU
   setting (generations in chunks of 1, channels-last memory format), and the ratios;
 - the network FLOPs per image of both (``torch.utils.flop_counter.FlopCounterMode``), and the achieved FLOP/s
   against this machine's fp32 matmul peak, measured here;
 - with ``--amp`` / ``--compile`` (the bundle's fast-path switches), a further project column: the CPU setting with
-  the network forwards under bf16 autocast (``EnsembleDiffusionInferer(autocast="bfloat16")``) and/or
+  the network forwards under bf16 autocast (``EnsembleInferer(autocast="bfloat16")``) and/or
   ``torch.compile``d, against the bf16 matmul peak when ``--amp`` is on. ``--device cuda`` runs everything on the
   GPU (times synchronised).
 
@@ -46,11 +46,11 @@ from monai.bundle import ConfigParser
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bundle.diffusion.ensemble_inferer import AutocastNetwork, EnsembleDiffusionInferer, autocast_dtype
-from bundle.diffusion.eps_samplers import EpsDDIMSampler, UncachedImageNetwork
-from bundle.diffusion.samplers import DiffusionSampler, PosteriorSampler
+from bundle.diffusion.samplers import DiffusionSampler, UncachedImageNetwork
 from bundle.diffusion.schedules import make_cdal_scheduler
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
+from bundle.inferers.autocast import AutocastNetwork, autocast_dtype
+from bundle.inferers.ensemble import EnsembleInferer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -184,7 +184,7 @@ def naive_loop(sampler: DiffusionSampler, network: nn.Module, image: torch.Tenso
     """The reference loop: generations one after another at batch 1, the encoder inside every network call."""
     uncached = UncachedImageNetwork(network)
     shape = (1, *image.shape[2:])
-    return torch.cat([sampler.sample(uncached, image, shape, _generators(1, seed=g)) for g in range(generations)])
+    return torch.cat([sampler.chain(uncached, image, shape, _generators(1, seed=g)) for g in range(generations)])
 
 
 def project_path(
@@ -195,8 +195,8 @@ def project_path(
     generation_batch_size: int | None = None,
     autocast: str | None = None,
 ) -> torch.Tensor:
-    """The bundle's path: ``EnsembleDiffusionInferer`` (encoder once per image, generations batched)."""
-    inferer = EnsembleDiffusionInferer(
+    """The bundle's path: ``EnsembleInferer`` (encoder once per image, generations batched)."""
+    inferer = EnsembleInferer(
         sampler, num_generations=generations, outputs="mean", generation_batch_size=generation_batch_size, seed=0,
         autocast=autocast,
     )
@@ -220,14 +220,14 @@ def step_call(
     with torch.no_grad():
         condition = sampler.encode(network, image).repeat_interleave(rows, dim=0)
     shape = (1, *image.shape[2:])
-    return lambda: sampler.sample(network, condition, shape, _generators(rows))
+    return lambda: sampler.chain(network, condition, shape, _generators(rows))
 
 
 def step_sampler(method: str, steps: int) -> DiffusionSampler:
     """A sampler making ``steps`` network calls per generation (the network's cost does not depend on t)."""
     if method == "segdiff":
-        return EpsDDIMSampler(make_segdiff_scheduler(100), num_steps=steps)
-    return PosteriorSampler(make_cdal_scheduler(steps))
+        return DiffusionSampler(make_segdiff_scheduler(100), num_steps=steps, eta=0.0, clip_x0=True)
+    return DiffusionSampler(make_cdal_scheduler(steps))
 
 
 @torch.no_grad()
@@ -377,7 +377,7 @@ def markdown_section(result: dict) -> str:
     lines += [
         "",
         "- naive = the reference loop (encoder recomputed in every network call, generations one after another at "
-        "batch 1, default memory format). Project, one batch = `EnsembleDiffusionInferer` as configured (encoder once "
+        "batch 1, default memory format). Project, one batch = `EnsembleInferer` as configured (encoder once "
         "per image, the N generations as one batch). Project, CPU setting = the same inferer with "
         "`generation_batch_size=1` and the network in channels-last memory format. Per-call times are measured "
         "through these code paths (one network call per generation); the chains (T steps x N generations) are "

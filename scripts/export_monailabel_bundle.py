@@ -3,17 +3,19 @@
 
 MONAI Label's ``BundleInferTask`` / ``BundleTrainTask`` read one ``configs/inference.yaml`` and one
 ``configs/train.yaml`` (no overlays), ``configs/metadata.json`` and ``models/model.pt``. This script composes the
-project's configs for one dataset (and optional method/paper overlays) into those two files, writes the metadata
-with the served ``network_data_format`` (label values as ``channel_def``; ``spatial_shape`` 2-D for MoNuSeg tiles,
-3-D for Hippocampus volumes, which are inferred slice-wise), and copies the network weights (from ``model.pt`` or
-from a training checkpoint's ``generator`` / ``network`` entry), checking that they load into the exported
+project's configs the way ``monai.bundle run`` does (``inference.yaml`` or ``train.yaml``, then the method overlays,
+then the dataset overlay, then ``configs/monailabel/infer.yaml`` or ``train.yaml``, then the ``--set`` overrides the
+model was trained with) into those two files, writes the metadata with the served ``network_data_format`` (label
+values as ``channel_def``; ``spatial_shape`` 2-D for tiles, radiographs and crops, 3-D for Hippocampus volumes,
+which are inferred slice-wise), and copies the served network's weights (from ``model.pt``, or from a training
+checkpoint: its EMA network if it has one, else its first network), checking that they load into the exported
 ``network_def``. The folder imports the ``bundle`` package (install the repo into MONAI Label's environment:
 scripts/monailabel_env.sh).
 
     python scripts/export_monailabel_bundle.py --dataset synthetic --checkpoint models/model.pt \\
         --output apps/monailabel/model/monuseg_cdal
     python scripts/export_monailabel_bundle.py --dataset hippocampus --checkpoint <run>/models/model.pt \\
-        --output apps/monailabel/model/hippocampus_cdal --dataset_dir /data/Task04_Hippocampus \
+        --output apps/monailabel/model/hippocampus_cdal --dataset_dir /data/Task04_Hippocampus \\
         --set network_def#num_channels=16 "network_def#attention_resolutions=[]" num_timesteps=2
 
 An existing output folder is only replaced with ``--overwrite``.
@@ -36,19 +38,14 @@ from monai.bundle import ConfigParser
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# dataset -> (training overlays after train.yaml, serving overlay after inference.yaml, served labels, dimension)
+# dataset -> (served labels, dimension of the served images)
 DATASETS = {
-    "synthetic": ([], "monailabel/infer_2d.yaml", {"0": "background", "1": "nucleus"}, 2),
-    "monuseg": (["datasets/monuseg.yaml"], "monailabel/infer_2d.yaml", {"0": "background", "1": "nucleus"}, 2),
-    "hippocampus": (
-        ["datasets/hippocampus.yaml"],
-        "monailabel/infer_hippocampus.yaml",
-        {"0": "background", "1": "anterior", "2": "posterior"},
-        3,
-    ),
+    "synthetic": ({"0": "background", "1": "nucleus"}, 2),
+    "monuseg": ({"0": "background", "1": "nucleus"}, 2),
+    "cxr": ({"0": "background", "1": "lung"}, 2),
+    "lidc": ({"0": "background", "1": "lesion"}, 2),
+    "hippocampus": ({"0": "background", "1": "anterior", "2": "posterior"}, 3),
 }
-# keys the serving config takes from the training composition, so the served network is the trained one
-SHARED_KEYS = ("network_def", "label_channels", "image_channels", "patch_size", "image_size", "num_timesteps")
 
 
 def _compose(files: Sequence[Path], overrides: dict) -> ConfigParser:
@@ -67,11 +64,16 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{checkpoint}: cannot read it as a PyTorch checkpoint ({err})") from err
     if not isinstance(state, dict):
         raise ValueError(f"{checkpoint}: expected a state dict, got {type(state).__name__}")
-    for key in ("generator", "network", "model"):
+    if isinstance(state.get("ema_network"), dict):  # trained with EMA: the EMA is the served network
+        return state["ema_network"]
+    networks = state.get("networks")
+    if isinstance(networks, dict) and networks and isinstance(next(iter(networks.values())), dict):
+        return next(iter(networks.values()))  # the method's main network comes first
+    for key in ("generator", "network", "model"):  # checkpoints of the earlier flat layout
         if isinstance(state.get(key), dict):
             return state[key]
     if not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{checkpoint}: neither a state dict nor a checkpoint with a 'generator'/'network' entry "
+        raise ValueError(f"{checkpoint}: neither a state dict nor a training checkpoint with networks "
                          f"(keys: {sorted(state)[:8]})")
     return state
 
@@ -94,23 +96,19 @@ def export(
         if not overwrite:
             raise FileExistsError(f"{output}: exists already; pass --overwrite to replace it")
         shutil.rmtree(output)
-    train_overlays, serve_overlay, labels, dimension = DATASETS[dataset]
+    labels, dimension = DATASETS[dataset]
     methods = [CONFIGS / m if not Path(m).is_absolute() else Path(m) for m in method_configs]
+    dataset_overlay = [CONFIGS / "datasets" / f"{dataset}.yaml"]
     overrides = dict(overrides or {})
 
-    train = _compose(
-        [CONFIGS / "train.yaml", *methods, *(CONFIGS / f for f in train_overlays), CONFIGS / "monailabel/train.yaml"],
-        overrides,
-    )
-    infer = _compose([CONFIGS / "inference.yaml", *methods, CONFIGS / serve_overlay], overrides)
-    for key in SHARED_KEYS:
-        if train.get(key) is not None:
-            infer[key] = copy.deepcopy(train.get(key))
-    # BundleTrainTask inspects train#handlers as a list of dicts (it adds its CheckpointLoader there): inline the
-    # handlers that the project's configs give by reference ('@train#checkpointer')
+    train = _compose([CONFIGS / "train.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/train.yaml"], overrides)
+    infer = _compose([CONFIGS / "inference.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/infer.yaml"],
+                     overrides)
+    # BundleTrainTask inspects train#handlers as a list of dicts (it adds its CheckpointLoader there): the configs'
+    # dict of handlers by name becomes a list, with the handlers given by reference ('@train#checkpointer') inlined
     handlers = train.get("train#handlers")
     inlined = []
-    for item in handlers if isinstance(handlers, list) else []:
+    for item in handlers.values() if isinstance(handlers, dict) else handlers or []:
         if isinstance(item, str) and item.startswith("@"):
             item = copy.deepcopy(train.get(item[1:]))
         if not isinstance(item, dict):
@@ -174,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--checkpoint", required=True, type=Path, help="models/model.pt or checkpoints/last.pt")
     parser.add_argument("--output", required=True, type=Path, help="the bundle folder to write (MONAI Label model)")
     parser.add_argument("--method_configs", nargs="*", default=[],
-                        help="method/paper overlays the model was trained with, e.g. methods/segdiff.yaml")
+                        help="method (and paper) overlays the model was trained with, e.g. methods/segdiff.yaml")
     parser.add_argument("--dataset_dir", default=None, help="dataset folder for fine-tuning (dataset_dir key)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="the command-line overrides the model was trained with (values parsed as YAML), "

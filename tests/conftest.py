@@ -1,10 +1,13 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures; tests/ is on the import path so tests can share helper modules (workflow_matrix)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Real two-process training under torchrun (gloo on CPU) with the multi-GPU overlay: cDAL (train.yaml) and SegDiff
-(methods/segdiff.yaml: DDP-wrapped trained network, plain EMA network)."""
+"""Real two-process training under torchrun (gloo on CPU) with the multi-GPU overlay: cDAL (train.yaml), SegDiff
+(methods/segdiff.yaml: DDP-wrapped trained network, plain EMA network) and cDAL on Hippocampus volumes
+(datasets/hippocampus.yaml: slice batches, per-volume validation gathered over the ranks)."""
 
 from __future__ import annotations
 
@@ -24,25 +25,25 @@ OVERRIDES = {
 }
 RANK_WEIGHTS = """
 finalize:
-  - "$torch.save(bundle.diffusion.samplers.unwrap_network(@network).state_dict(), @output_dir + '/rank_' + os.environ['RANK'] + '.pt')"
+  - "$torch.save(bundle.runtime.unwrap_network(@network).state_dict(), @output_dir + '/rank_' + os.environ['RANK'] + '.pt')"
 """
 SEGDIFF_OVERRIDES = {**OVERRIDES, "sampling_steps": 2}
 SEGDIFF_RANK_WEIGHTS = """
 finalize:
   - >-
-    $torch.save({'network': bundle.diffusion.samplers.unwrap_network(@network).state_dict(),
-    'train_network': bundle.diffusion.samplers.unwrap_network(@train_network).state_dict(),
+    $torch.save({'network': bundle.runtime.unwrap_network(@network).state_dict(),
+    'train_network': bundle.runtime.unwrap_network(@train_network).state_dict(),
     'network_is_ddp': isinstance(@network, torch.nn.parallel.DistributedDataParallel),
     'train_network_is_ddp': isinstance(@train_network, torch.nn.parallel.DistributedDataParallel)},
     @output_dir + '/rank_' + os.environ['RANK'] + '.pt')
 """
 
 
-def _torchrun(root: Path, configs: list[Path], overrides: dict) -> Path:
+def _torchrun(root: Path, configs: list[Path], overrides: dict, dataset_dir: Path | None = None) -> Path:
     """Run ``training`` with two gloo processes under torchrun in ``root`` (the bundle root); returns ``root``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "monai.bundle", "run", "training", "--config_file", "[" + ",".join(f"'{f}'" for f in configs) + "]",
-           "--bundle_root", str(root), "--dataset_dir", str(root / "data")]
+           "--bundle_root", str(root), "--dataset_dir", str(dataset_dir or root / "data")]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -57,6 +58,20 @@ def ddp_run(tmp_path_factory):
     extra = root / "rank_weights.yaml"
     extra.write_text(RANK_WEIGHTS)
     return _torchrun(root, [CONFIGS / "train.yaml", CONFIGS / "multi_gpu_train.yaml", extra], OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def hippocampus_ddp_run(tmp_path_factory):
+    from bundle.data.hippocampus import write_synthetic_hippocampus
+
+    root = tmp_path_factory.mktemp("ddp_hippocampus")
+    data = write_synthetic_hippocampus(root / "Task04_Hippocampus", num_cases=8, shape=(22, 26, 20), seed=0)
+    configs = [CONFIGS / "train.yaml", CONFIGS / "multi_gpu_train.yaml", CONFIGS / "datasets" / "hippocampus.yaml"]
+    overrides = {"epoch_length": 4, "max_epochs": 2, "val_interval": 2, "num_generations": 2, "patch_size": 16,
+                 "image_size": 16, "crops_per_volume": 1, "val_fraction": 0.5, "network_def#num_channels": 16,
+                 "loss_log_interval": 4,
+                 "network_def#attention_resolutions": "[]"}
+    return _torchrun(root, configs, overrides, dataset_dir=data)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +94,11 @@ def test_two_ranks_end_cleanly_with_one_checkpoint_and_one_mlflow_run(ddp_run):
     assert {"loss_g", "val_dice"} <= keys
     last = torch.load(models / "checkpoints" / "last.pt", weights_only=True)
     assert last["trainer"]["iteration"] == 10  # losses are logged every 10 iterations
-    assert not any(k.startswith("module.") for k in last["generator"])  # saved without the DDP wrapper
+    assert not any(k.startswith("module.") for k in last["networks"]["generator"])  # saved without the DDP wrapper
 
 
 def test_saved_weights_equal_every_ranks_weights(ddp_run):
-    last = torch.load(ddp_run / "models" / "checkpoints" / "last.pt", weights_only=True)["generator"]
+    last = torch.load(ddp_run / "models" / "checkpoints" / "last.pt", weights_only=True)["networks"]["generator"]
     for rank in (0, 1):
         weights = torch.load(ddp_run / "eval" / f"rank_{rank}.pt", weights_only=True)
         assert weights.keys() == last.keys()
@@ -100,7 +115,7 @@ def test_two_rank_validation_metric_equals_single_process_value(ddp_run):
     parser["validate#handlers"] = []  # no MLflow run or panels for this check
     network = parser.get_parsed_content("network")
     last = torch.load(ddp_run / "models" / "checkpoints" / "last.pt", weights_only=True)
-    network.load_state_dict(last["generator"])
+    network.load_state_dict(last["networks"]["generator"])
     evaluator = parser.get_parsed_content("validate#evaluator")
     assert len(evaluator.data_loader.dataset) == 3
     evaluator.run()
@@ -125,8 +140,8 @@ def test_segdiff_two_ranks_end_cleanly_with_one_checkpoint_and_one_mlflow_run(se
     assert {"loss", "val_dice"} <= keys
     last = torch.load(models / "checkpoints" / "last.pt", weights_only=True)
     assert last["trainer"]["iteration"] == 10 and last["ema"]["num_updates"] == 10
-    for name in ("network", "ema_network"):
-        assert not any(k.startswith(("module.", "_orig_mod.")) for k in last[name])  # saved without wrappers
+    for weights in (last["networks"]["network"], last["ema_network"]):
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights)  # saved without wrappers
     model = torch.load(models / "model.pt", weights_only=True)
     assert model.keys() == last["ema_network"].keys()
 
@@ -136,7 +151,8 @@ def test_segdiff_trained_network_is_ddp_and_every_rank_holds_the_saved_weights(s
     ranks = [torch.load(segdiff_ddp_run / "eval" / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
     for weights in ranks:
         assert weights["train_network_is_ddp"] and not weights["network_is_ddp"]  # the EMA stays a plain module
-        for saved, held in ((last["network"], weights["train_network"]), (last["ema_network"], weights["network"])):
+        for saved, held in ((last["networks"]["network"], weights["train_network"]),
+                            (last["ema_network"], weights["network"])):
             assert held.keys() == saved.keys()
             for key in saved:
                 torch.testing.assert_close(held[key], saved[key], rtol=0, atol=0)
@@ -160,3 +176,18 @@ def test_segdiff_two_rank_validation_metric_equals_single_process_value(segdiff_
     ddp_value = last["checkpointer"]["best_metric"]
     print(f"segdiff val_dice: 2 ranks {ddp_value:.6f}, 1 process {single:.6f}")
     assert single == pytest.approx(ddp_value, abs=1e-6)
+
+
+def test_hippocampus_two_ranks_write_one_checkpoint_pair_and_one_mlflow_run(hippocampus_ddp_run):
+    """The Hippocampus overlay under torchrun: validation handlers keep their rank-0 guards (one MLflow run, one
+    set of panels), one checkpoint pair, and the per-volume validation Dice reaches rank 0's checkpointer."""
+    models = hippocampus_ddp_run / "models"
+    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*.pt")) == ["checkpoints/last.pt", "model.pt"]
+    runs, keys = _mlflow_runs_and_metric_keys(hippocampus_ddp_run)
+    assert len(runs) == 1 and runs[0][1] == "FINISHED"
+    assert {"loss_g", "loss_d", "val_dice", "val_iou"} <= keys
+    last = torch.load(models / "checkpoints" / "last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == 8 and 0.0 <= last["checkpointer"]["best_metric"] <= 1.0
+    assert last["networks"]["generator"]["head_conv.weight"].shape[0] == 3  # three class channels
+    panels = sorted((hippocampus_ddp_run / "eval" / "panels").glob("*.png"))
+    assert [p.name for p in panels] == ["validation_epoch_0002.png"]

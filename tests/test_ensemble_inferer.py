@@ -1,12 +1,13 @@
-"""EnsembleDiffusionInferer with the real cDAL generator (small profile)."""
+"""The one ensemble inferer (bundle.inferers.ensemble.EnsembleInferer) with the real cDAL generator (small
+profile); the same rules for the sampling and deterministic networks are in test_method_samplers.py."""
 
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from bundle.diffusion.ensemble_inferer import EnsembleDiffusionInferer
-from bundle.diffusion.samplers import PosteriorSampler
+from bundle.diffusion.samplers import DiffusionSampler
 from bundle.diffusion.schedules import make_cdal_scheduler
+from bundle.inferers.ensemble import EnsembleInferer
 from bundle.networks.cdal import CDALGenerator
 
 
@@ -29,7 +30,8 @@ def _generators(rows, seed=100):
 
 
 def _inferer(**kw):
-    return EnsembleDiffusionInferer(PosteriorSampler(make_cdal_scheduler(4)), **kw)
+    kw.setdefault("outputs", "mean")
+    return EnsembleInferer(DiffusionSampler(make_cdal_scheduler(4)), **kw)
 
 
 def test_batched_generations_equal_sequential_generations():

@@ -4,11 +4,11 @@ import math
 
 import torch
 
-from bundle.diffusion.samplers import unwrap_network
 from bundle.diffusion.schedules import make_cdal_scheduler
-from bundle.engines.cdal_trainer import CDALTrainer
-from bundle.engines.fast_paths import prepare_network
+from bundle.engines.steps.cdal import CDALStep
+from bundle.engines.trainer import SegmentationTrainer
 from bundle.networks.cdal import CDALDiscriminator, CDALGenerator
+from bundle.runtime import prepare_network, unwrap_network
 
 
 def _nets():
@@ -28,13 +28,16 @@ def test_bf16_autocast_and_channels_last_train_steps():
     assert not all(p.is_contiguous() for p in convs)
     batch = {"image": torch.randn(4, 3, 16, 16), "label": (torch.rand(4, 1, 16, 16) > 0.5).float() * 2 - 1}
     before = [p.detach().clone() for p in gen.parameters()]
-    trainer = CDALTrainer(
-        "cpu", 1, [batch, batch], gen, disc, torch.optim.Adam(gen.parameters(), 1e-3),
-        torch.optim.Adam(disc.parameters(), 1e-3), make_cdal_scheduler(4), attention_scale=1, lazy_reg=1,
+    trainer = SegmentationTrainer(
+        "cpu", 1, [batch, batch], CDALStep(make_cdal_scheduler(4), attention_scale=1, lazy_reg=1),
+        networks={"generator": gen, "discriminator": disc},
+        optimizers={"generator": torch.optim.Adam(gen.parameters(), 1e-3),
+                    "discriminator": torch.optim.Adam(disc.parameters(), 1e-3)},
         amp=True, amp_kwargs={"dtype": torch.bfloat16},
     )
     trainer.run()
-    out = trainer.state.output
-    assert all(math.isfinite(float(out[k])) for k in ("loss_g", "loss_d", "r1"))
-    assert float(out["r1"]) > 0  # lazy_reg = 1: the R1 penalty ran through the autocast forward
+    losses = trainer.state.output["losses"]
+    assert set(losses) == {"loss_g", "loss_d", "loss_d_real", "loss_d_fake", "r1"}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["r1"] > 0  # lazy_reg = 1: the R1 penalty ran through the autocast forward
     assert any((p.detach() - b).abs().max() > 0 for p, b in zip(gen.parameters(), before))

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bundle.diffusion.ensemble_inferer import autocast_dtype
-from bundle.engines.checkpoint import AtomicCheckpointSaver
-from bundle.engines.fast_paths import prepare_network
-from bundle.engines.flags import as_bool
+from bundle.inferers.autocast import autocast_dtype
+from bundle.handlers.checkpoint import AtomicCheckpointSaver
+from bundle.runtime import prepare_network
+from bundle.runtime import as_bool
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -36,7 +36,7 @@ def test_string_false_switches_things_off():
 def test_empty_training_loader_is_an_error_not_a_silent_run():
     from ignite.engine import Engine
 
-    from bundle.engines.guards import EmptyEpochGuard
+    from bundle.handlers.guards import EmptyEpochGuard
 
     loader = torch.utils.data.DataLoader(list(range(3)), batch_size=4, drop_last=True)
     engine = Engine(lambda e, b: None)

@@ -25,7 +25,7 @@ from bundle.data.hippocampus import (
     read_msd_classes,
     write_synthetic_hippocampus,
 )
-from bundle.engines.volume_evaluation import onehot_to_label_map, save_label_volume
+from bundle.transforms.writers import onehot_to_label_map, save_label_volume
 from bundle.metrics.binary import PerImageBinaryMetric
 from bundle.transforms.volume import CheckVolumePaird, VoteArgmaxd
 

@@ -40,8 +40,11 @@ def test_2d_export_has_what_bundle_infer_and_train_tasks_read(tmp_path):
     infer = yaml.safe_load((out / "configs" / "inference.yaml").read_text())
     for key in ("network_def", "preprocessing", "inferer", "postprocessing", "device"):
         assert key in infer, key
-    assert infer["inferer"]["_target_"].endswith("EnsembleDiffusionInferer")
-    assert not any("SaveMaskAndUncertaintyd" in str(t) for t in infer["postprocessing"]["transforms"])
+    assert infer["inferer"]["_target_"].endswith("EnsembleInferer") and infer["write_predictions"] is False
+    parser = ConfigParser()
+    parser.read_config(str(out / "configs" / "inference.yaml"))
+    names = [type(t).__name__ for t in parser.get_parsed_content("postprocessing").transforms]
+    assert "Invertd" in names and "SaveMaskAndUncertaintyd" not in names  # MONAI Label writes its own outputs
     train = yaml.safe_load((out / "configs" / "train.yaml").read_text())
     assert all(isinstance(h, dict) for h in train["train"]["handlers"])  # BundleTrainTask calls .get on each
     assert any(h.get("_target_", "").endswith("AtomicCheckpointSaver") for h in train["train"]["handlers"])
@@ -83,8 +86,29 @@ def test_hippocampus_export_is_3d_and_takes_the_trained_network_settings(tmp_pat
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
         "0": "background", "1": "anterior", "2": "posterior"}
     infer = yaml.safe_load((out / "configs" / "inference.yaml").read_text())
-    assert infer["network_def"]["num_channels"] == 16 and infer["label_channels"] == 3
-    assert infer["inferer"]["_target_"].endswith("SliceEnsembleInferer")
+    assert infer["network_def"]["num_channels"] == 16 and infer["label_channels"] == 3 and infer["slice_axis"] == 2
+
+
+@pytest.mark.parametrize("method", ["unet", "segdiff"])
+def test_every_method_exports_from_its_training_checkpoint(tmp_path, method):
+    """A last.pt of the method-neutral layout: SegDiff serves its EMA network, the U-Net its one network."""
+    configs = ["train.yaml", f"methods/{method}.yaml", "datasets/cxr.yaml"]
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "configs" / c) for c in configs])
+    torch.manual_seed(0)
+    trained, ema = parser.get_parsed_content("network_def").state_dict(), None
+    checkpoint = {"networks": {"network": trained}, "optimizers": {"network": {}}, "trainer": {"epoch": 1}}
+    if method == "segdiff":
+        ema = {k: v + 1 for k, v in trained.items()}
+        checkpoint["ema_network"] = ema
+    torch.save(checkpoint, tmp_path / "last.pt")
+    out = export_module.export("cxr", tmp_path / "last.pt", tmp_path / method, method_configs=[f"methods/{method}.yaml"])
+    saved = torch.load(out / "models" / "model.pt", weights_only=True)
+    expected = ema if ema is not None else trained
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "lung"}
 
 
 def test_export_refuses_to_replace_a_folder_or_read_a_bad_checkpoint(tmp_path):
@@ -100,4 +124,4 @@ def test_export_refuses_to_replace_a_folder_or_read_a_bad_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="bad.pt"):
         export_module.export("synthetic", bad, tmp_path / "c")
     with pytest.raises(ValueError, match="unknown dataset"):
-        export_module.export("lidc", weights, tmp_path / "d")
+        export_module.export("brats", weights, tmp_path / "d")

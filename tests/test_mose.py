@@ -8,11 +8,12 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from bundle.engines.mose_loss import GammaPlateauSchedule, MoSEOptimalTransportLoss, greedy_coupling, soft_iou_cost
-from bundle.engines.mose_trainer import MoSETrainer
-from bundle.engines.sampling_inferer import SamplingInferer
+from bundle.engines.steps.mose import MoSEStep
+from bundle.engines.trainer import SegmentationTrainer
+from bundle.inferers.ensemble import EnsembleInferer
+from bundle.inferers.samplers import LatentSampler
+from bundle.losses.mose import GammaPlateauSchedule, MoSEOptimalTransportLoss, greedy_coupling, soft_iou_cost
 from bundle.networks.mose import MixtureOfStochasticExperts
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,27 +74,49 @@ def test_soft_iou_cost_and_loss_gradients():
         assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
 
 
+def _inferer(mode, n, **kw):
+    return EnsembleInferer(LatentSampler({"mode": mode}), num_generations=n, **kw)
+
+
 def test_weighted_and_sampled_forms():
     net = small_net().eval()
     image = torch.randn(2, 1, 16, 16)
     pi, _ = net.encode(image)
-    out = net.sample(image, 8, mode="weighted")
+    out = _inferer("weighted", 8, outputs=["mean", "samples", "weights"], seed=0)(image, net)
     # sample s * K + k is draw s of expert k, weight pi_k / S
     torch.testing.assert_close(out["weights"], torch.cat([pi, pi], 1) / 2)
     torch.testing.assert_close(out["weights"].sum(1), torch.ones(2))
-    sampled = net.sample(image, 6, generator=torch.Generator().manual_seed(0), mode="sampled")
+    assert out["samples"].shape == (2, 8, 16, 16)
+    weighted_mean = (out["weights"][:, :, None, None] * out["samples"]).sum(1, keepdim=True)
+    torch.testing.assert_close(out["mean"], weighted_mean)
+    sampled = _inferer("sampled", 6, outputs=["weights", "samples"], seed=0)(image, net)
     torch.testing.assert_close(sampled["weights"], torch.full((2, 6), 1 / 6))
     with pytest.raises(ValueError, match="divisible"):
-        net.sample(image, 6, mode="weighted")
-    inferer = SamplingInferer(num_generations=8, outputs=["mean", "samples"], return_weights=True, seed=0,
-                              sample_kwargs={"mode": "weighted"})
-    result = inferer(image, net)
-    assert result["weights"].shape == (2, 8) and result["samples"].shape == (2, 8, 16, 16)
-    weighted_mean = (result["weights"][:, :, None, None] * result["samples"]).sum(1, keepdim=True)
-    torch.testing.assert_close(result["mean"], weighted_mean)
-    tiling = SamplingInferer(num_generations=8, return_weights=True, roi_size=(8, 8))
+        _inferer("weighted", 6)(image, net)
     with pytest.raises(ValueError, match="whole-image"):
-        tiling(image, net)
+        _inferer("weighted", 8, outputs=["mean", "weights"], roi_size=(8, 8))(image, net)
+
+
+def test_sampled_experts_follow_the_gating_weights():
+    """The inverse-CDF expert draw of each row follows Cat(pi): with one expert holding all the weight, every
+    sample is that expert's; the expert frequencies of many rows match pi."""
+    net = small_net().eval()
+    image = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        pi, dense = net.encode(image)
+        net.mu.copy_(torch.tensor([[0.0], [10.0], [20.0], [30.0]]))  # well apart: z tells the expert
+    rows = 4000
+    generators = [torch.Generator().manual_seed(r) for r in range(rows)]
+    chosen = []
+    original = net.foreground_probability
+    net.foreground_probability = lambda d, z: (chosen.append(z[:, 0].clone()), original(d, z))[1]
+    with torch.no_grad():
+        net.sample_rows((pi.expand(rows, -1), dense.expand(rows, -1, -1, -1)), generators,
+                        torch.arange(rows), rows, mode="sampled")
+    z = torch.cat(chosen)[:, 0]
+    experts = (z[:, None] - net.mu[:, 0][None]).abs().argmin(1)
+    frequency = torch.bincount(experts, minlength=4).float() / rows
+    torch.testing.assert_close(frequency, pi[0].float(), atol=0.03, rtol=0)
 
 
 def test_gamma_schedule_moves_to_one_after_a_plateau_and_resumes():
@@ -122,10 +145,11 @@ def test_short_training_reduces_the_loss():
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     loss_fn = MoSEOptimalTransportLoss(beta=1.0, gamma=0.5)
     schedule = GammaPlateauSchedule(loss_fn, values=[1.0], patience=10)
-    trainer = MoSETrainer(device="cpu", max_epochs=30, train_data_loader=batches, epoch_length=3, network=net,
-                          optimizer=optimizer, loss_function=loss_fn, samples_per_expert=2, gamma_schedule=schedule)
+    trainer = SegmentationTrainer(device="cpu", max_epochs=30, train_data_loader=batches, epoch_length=3,
+                                  step=MoSEStep(loss_fn, samples_per_expert=2), networks={"network": net},
+                                  optimizers={"network": optimizer}, train_handlers=[schedule])
     seg: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seg.append(float(e.state.output["loss_seg"])))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seg.append(e.state.output["losses"]["loss_seg"]))
     trainer.run()
     first, last = sum(seg[:3]) / 3, sum(seg[-3:]) / 3
     print(f"OT segmentation cost: first epoch {first:.3f}, last epoch {last:.3f}")

@@ -1,4 +1,4 @@
-"""Probabilistic U-Net: the KL term, prior sampling through SamplingInferer, and a short training that learns."""
+"""Probabilistic U-Net: the KL term, prior sampling through the ensemble inferer, and a short training that learns."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from bundle.engines.prob_unet_trainer import ProbUNetTrainer
-from bundle.engines.sampling_inferer import SamplingInferer
+from bundle.engines.steps.prob_unet import ProbUNetStep
+from bundle.engines.trainer import SegmentationTrainer
+from bundle.inferers.ensemble import EnsembleInferer
+from bundle.inferers.samplers import LatentSampler
 from bundle.networks.prob_unet import ProbabilisticUNet
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,16 +62,16 @@ def test_kl_is_zero_when_prior_and_posterior_are_equal():
     torch.testing.assert_close(kl_other, closed, atol=1e-6, rtol=1e-5)
 
 
-def test_prior_samples_through_the_sampling_inferer():
+def test_prior_samples_through_the_ensemble_inferer():
     net = small_net().eval()
     image, _ = toy_batch(batch=2)
-    inferer = SamplingInferer(num_generations=5, outputs=["mean", "uncertainty", "samples"], seed=3)
+    inferer = EnsembleInferer(LatentSampler(), num_generations=5, outputs=["mean", "uncertainty", "samples"], seed=3)
     out = inferer(image, net)
     assert out["samples"].shape == (2, 5, 16, 16) and out["mean"].shape == (2, 1, 16, 16)
     torch.testing.assert_close(out["mean"], out["samples"].mean(1, keepdim=True))
     torch.testing.assert_close(out["uncertainty"], out["samples"].std(1, unbiased=False, keepdim=True))
     assert float(out["uncertainty"].max()) > 0  # different z, different samples
-    again = SamplingInferer(num_generations=5, outputs="samples", seed=3)(image, net)
+    again = EnsembleInferer(LatentSampler(), num_generations=5, outputs="samples", seed=3)(image, net)
     torch.testing.assert_close(again, out["samples"])  # the seed fixes the prior draws
     # with no prior spread all samples coincide: the latent is the only randomness
     with torch.no_grad():
@@ -86,11 +87,12 @@ def test_short_training_reduces_the_loss():
         b["label"] = b["label"] * 2 - 1  # the bundle's {-1, 1} labels
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses: list[float] = []
-    trainer = ProbUNetTrainer(device="cpu", max_epochs=20, train_data_loader=batches, epoch_length=4, network=net,
-                              optimizer=optimizer, beta=1.0)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss_rec"])))
+    trainer = SegmentationTrainer(device="cpu", max_epochs=20, train_data_loader=batches, epoch_length=4,
+                                  step=ProbUNetStep(beta=1.0), networks={"network": net},
+                                  optimizers={"network": optimizer})
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["losses"]["loss_rec"]))
     trainer.run()
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     print(f"reconstruction loss per image: first epoch {first:.1f}, last epoch {last:.1f}")
     assert last < 0.2 * first
-    assert {"loss", "loss_rec", "loss_kl"} <= set(trainer.state.output)
+    assert set(trainer.state.output["losses"]) == {"loss", "loss_rec", "loss_kl"}

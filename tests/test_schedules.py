@@ -1,10 +1,12 @@
-"""The cDAL schedule and posterior against the reference's float32 vectors (METHODS.md 1.1)."""
+"""The cDAL schedule and the one reverse step (bundle.diffusion.steps) against the reference's float32 vectors
+(METHODS.md 1.1) and MONAI's DDPMScheduler.step, for one time index per batch and one per sample."""
 
 import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle.diffusion.schedules import ForwardDiffusion, make_cdal_scheduler, posterior_coefficients
+from bundle.diffusion.schedules import ForwardDiffusion, make_cdal_scheduler
+from bundle.diffusion.steps import ReverseStep, posterior_coefficients
 
 VECTORS = {
     2: {
@@ -53,6 +55,29 @@ def test_monai_step_is_the_cdal_posterior_step():
         torch.testing.assert_close(monai_x0, x0_hat)
     last, _ = scheduler.step(x0_hat, 0, x)
     torch.testing.assert_close(last, x0_hat, atol=1e-6, rtol=0)
+
+
+def test_reverse_step_is_monais_step_for_one_index_and_per_sample_indices():
+    """ReverseStep (x0 prediction, fixed_small) = MONAI's DDPMScheduler.step with the same noise; with one time index
+    per sample (cDAL training) each row equals the step of its own index."""
+    scheduler = make_cdal_scheduler(4)
+    step = ReverseStep(scheduler)
+    x0_hat, x = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8)
+    for i in range(4):
+        noise = torch.randn(x0_hat.shape, generator=torch.Generator().manual_seed(i))
+        monai_next, _ = scheduler.step(x0_hat, i, x, generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(step(x0_hat, i, i - 1, x, noise), monai_next, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(step(x0_hat, 0, -1, x, None), x0_hat, atol=1e-6, rtol=0)
+    index = torch.tensor([3, 0, 2, 1])
+    noise = torch.randn(x0_hat.shape, generator=torch.Generator().manual_seed(9))
+    per_sample = ForwardDiffusion(scheduler).posterior_sample(x0_hat, x, index, noise)
+    for r, i in enumerate(index.tolist()):
+        torch.testing.assert_close(per_sample[r : r + 1], step(x0_hat[r : r + 1], i, i - 1, x[r : r + 1], noise[r : r + 1]))
+    torch.testing.assert_close(per_sample[1], x0_hat[1], atol=1e-6, rtol=0)  # index 0: the prediction itself
+    with pytest.raises(ValueError, match="needs noise"):
+        step(x0_hat, 2, 1, x, None)
+    with pytest.raises(ValueError, match="smaller time index"):
+        step(x0_hat, 1, 2, x, torch.zeros_like(x))
 
 
 def test_forward_pairs_have_the_schedule_statistics():

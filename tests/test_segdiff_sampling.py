@@ -1,4 +1,5 @@
-"""SegDiff schedule and eps samplers: reference values, hand-computed steps, MONAI agreement, caching."""
+"""SegDiff's schedule and its sampling through the one reverse step: reference values, hand-computed ancestral and
+DDIM steps, agreement with MONAI's DDPMScheduler / DDIMScheduler, caching of the image encoder."""
 
 import math
 
@@ -6,15 +7,10 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from bundle.diffusion.ensemble_inferer import EnsembleDiffusionInferer
-from bundle.diffusion.eps_samplers import (
-    EpsDDIMSampler,
-    EpsDDPMSampler,
-    UncachedImageNetwork,
-    ddim_timesteps,
-    make_eps_sampler,
-)
+from bundle.diffusion.samplers import DiffusionSampler, UncachedImageNetwork, make_sampler
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
+from bundle.diffusion.steps import ReverseStep, spaced_timesteps
+from bundle.inferers.ensemble import EnsembleInferer
 from bundle.networks.segdiff import SegDiffNetwork
 
 
@@ -59,7 +55,7 @@ def test_reference_linear_schedule_values():
 
 def test_ddpm_step_equals_hand_computation_and_monai():
     scheduler = make_segdiff_scheduler(100)
-    sampler = EpsDDPMSampler(scheduler)
+    sampler = ReverseStep(scheduler)
     i = 49
     x_t, eps = torch.full((1, 1, 2, 2), 0.3), torch.full((1, 1, 2, 2), -0.5)
     noise = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])
@@ -70,43 +66,46 @@ def test_ddpm_step_equals_hand_computation_and_monai():
     x0 = (0.3 - math.sqrt(1 - abar) * -0.5) / math.sqrt(abar)
     mean = math.sqrt(abar_prev) * betas[i] / (1 - abar) * x0 + math.sqrt(1 - betas[i]) * (1 - abar_prev) / (1 - abar) * 0.3
     expected = mean + math.sqrt(betas[i]) * noise  # fixed-large variance: sigma^2 = beta_t
-    out = sampler.step(eps, i, i - 1, x_t, noise)
+    out = sampler(eps, i, i - 1, x_t, noise)
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-5)
     # MONAI's DDPMScheduler.step draws the same noise from the same generator
     gen = torch.Generator().manual_seed(3)
     monai_out, _ = scheduler.step(eps, i, x_t, generator=gen)
     drawn = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(sampler.step(eps, i, i - 1, x_t, drawn), monai_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sampler(eps, i, i - 1, x_t, drawn), monai_out, rtol=1e-5, atol=1e-6)
     # the last step adds no noise and returns the posterior mean
     monai_last, _ = scheduler.step(eps, 0, x_t)
-    torch.testing.assert_close(sampler.step(eps, 0, -1, x_t, None), monai_last, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sampler(eps, 0, -1, x_t, None), monai_last, rtol=1e-5, atol=1e-6)
 
 
 def test_ddim_step_equals_hand_computation_and_monai():
     scheduler = make_segdiff_scheduler(100)
-    sampler = EpsDDIMSampler(scheduler, num_steps=25, clip_x0=False)
-    assert sampler.timesteps[:3] == [99, 95, 91] and sampler.timesteps[-1] == 0 and len(sampler.timesteps) == 25
+    timesteps = DiffusionSampler(scheduler, num_steps=25, eta=0.0).timesteps
+    assert timesteps[:3] == [99, 95, 91] and timesteps[-1] == 0 and len(timesteps) == 25
+    sampler = ReverseStep(scheduler, eta=0.0, clip_x0=False)
     x_t, eps = torch.full((1, 1, 2, 2), 0.3), torch.full((1, 1, 2, 2), -0.5)
     abar, abar_prev = float(scheduler.alphas_cumprod[99]), float(scheduler.alphas_cumprod[95])
     x0 = (0.3 + 0.5 * math.sqrt(1 - abar)) / math.sqrt(abar)
     expected = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * -0.5
-    torch.testing.assert_close(sampler.step(eps, 99, 95, x_t, None), torch.full_like(x_t, expected), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sampler(eps, 99, 95, x_t, None), torch.full_like(x_t, expected), rtol=1e-4, atol=1e-5)
     # MONAI's DDIMScheduler with 25 inference steps maps 99 -> 95 as well (eta = 0 and eta = 1)
     monai_ddim = DDIMScheduler(100, schedule="linear_beta", beta_start=1e-3, beta_end=0.2, clip_sample=False)
     monai_ddim.set_timesteps(25)
-    torch.testing.assert_close(sampler.step(eps, 99, 95, x_t, None), monai_ddim.step(eps, 99, x_t)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sampler(eps, 99, 95, x_t, None), monai_ddim.step(eps, 99, x_t)[0], rtol=1e-5, atol=1e-6)
     # the default clamps x0_hat to [-1, 1] as MONAI's clip_sample=True
     clipping = DDIMScheduler(100, schedule="linear_beta", beta_start=1e-3, beta_end=0.2, clip_sample=True)
     clipping.set_timesteps(25)
-    clipped = EpsDDIMSampler(scheduler, num_steps=25).step(eps, 99, 95, x_t, None)
+    clipped = ReverseStep(scheduler, eta=0.0, clip_x0=True)(eps, 99, 95, x_t, None)
     torch.testing.assert_close(clipped, clipping.step(eps, 99, x_t)[0], rtol=1e-5, atol=1e-6)
     expected_clipped = math.sqrt(abar_prev) * 1.0 + math.sqrt(1 - abar_prev) * -0.5  # x0_hat = 177 -> 1
     torch.testing.assert_close(clipped, torch.full_like(x_t, expected_clipped), rtol=1e-4, atol=1e-5)
-    noisy = EpsDDIMSampler(scheduler, num_steps=25, eta=1.0, clip_x0=False)
+    noisy = ReverseStep(scheduler, eta=1.0, clip_x0=False)
     drawn = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(5))
     monai_noisy = monai_ddim.step(eps, 99, x_t, eta=1.0, generator=torch.Generator().manual_seed(5))[0]
-    torch.testing.assert_close(noisy.step(eps, 99, 95, x_t, drawn), monai_noisy, rtol=1e-5, atol=1e-6)
-    assert ddim_timesteps(100, 100) == list(range(99, -1, -1))
+    torch.testing.assert_close(noisy(eps, 99, 95, x_t, drawn), monai_noisy, rtol=1e-5, atol=1e-6)
+    assert spaced_timesteps(100, 100) == spaced_timesteps(100) == list(range(99, -1, -1))
+    with pytest.raises(ValueError, match="needs DDIM"):
+        DiffusionSampler(scheduler, num_steps=25)
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
@@ -114,15 +113,15 @@ def test_cached_batched_sampling_equals_uncached_sequential_sampling(method):
     """The project's path (encoder once, generations batched) equals the reference loop for the same noise."""
     net, image = _network(), torch.randn(1, 3, 16, 16)
     scheduler = make_segdiff_scheduler(25)  # a short chain keeps the test fast; the maths is T-independent
-    sampler = make_eps_sampler(scheduler, method, num_steps=5)
+    sampler = make_sampler(scheduler, method, num_steps=5, eta=1.0)
     calls = []
     encode = net.encode_image
     net.encode_image = lambda x: calls.append(x.shape[0]) or encode(x)
     features = sampler.encode(net, image)
-    cached = sampler.sample(net, features.expand(3, -1, -1, -1), (1, 16, 16), _generators(3))
+    cached = sampler.chain(net, features.expand(3, -1, -1, -1), (1, 16, 16), _generators(3))
     assert calls == [1]
     naive = UncachedImageNetwork(net)
-    one_by_one = torch.cat([sampler.sample(naive, image, (1, 16, 16), _generators(3)[r : r + 1]) for r in range(3)])
+    one_by_one = torch.cat([sampler.chain(naive, image, (1, 16, 16), _generators(3)[r : r + 1]) for r in range(3)])
     steps = 25 if method == "ddpm" else 5
     assert calls == [1] + [1] * steps * 3  # the reference loop runs the encoder at every step of every generation
     torch.testing.assert_close(cached, one_by_one, rtol=1e-4, atol=1e-4)
@@ -131,8 +130,8 @@ def test_cached_batched_sampling_equals_uncached_sequential_sampling(method):
 
 def test_ensemble_inferer_runs_segdiff_unchanged():
     net = _network()
-    inferer = EnsembleDiffusionInferer(
-        make_eps_sampler(make_segdiff_scheduler(25), "ddim", num_steps=3), num_generations=2,
+    inferer = EnsembleInferer(
+        make_sampler(make_segdiff_scheduler(25), "ddim", num_steps=3), num_generations=2,
         outputs=("mean", "uncertainty"), roi_size=(16, 16), seed=0,
     )
     out = inferer(torch.randn(1, 3, 32, 32), net)

@@ -1,4 +1,4 @@
-"""SegDiff training step, EMA, and the method overlay composed with train/evaluate/inference configs."""
+"""SegDiff: the denoising step, the EMA handler, and the method overlay composed with train/evaluate/inference."""
 
 from pathlib import Path
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.diffusion.eps_samplers import EpsDDIMSampler, EpsDDPMSampler
-from bundle.diffusion.samplers import unwrap_network
+from bundle.diffusion.samplers import DiffusionSampler
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
-from bundle.engines.ema import ExponentialMovingAverage, trainable_copy
-from bundle.engines.fast_paths import prepare_network
-from bundle.engines.segdiff_trainer import SegDiffTrainer, eps_loss
+from bundle.engines.steps.diffusion import DenoisingStep, denoising_loss
+from bundle.engines.trainer import SegmentationTrainer
+from bundle.handlers.ema import ExponentialMovingAverage, averaged_copy
 from bundle.networks.segdiff import SegDiffNetwork
+from bundle.runtime import prepare_network, unwrap_network
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -35,12 +35,20 @@ def test_eps_loss_is_the_per_sample_sum_averaged_over_the_batch():
     eps = torch.zeros(2, 1, 4, 4)
     eps_hat = torch.ones(2, 1, 4, 4)
     eps_hat[1] *= 2  # per-sample sums 16 and 64
-    assert eps_loss(eps, eps_hat).item() == pytest.approx(40.0)
+    assert denoising_loss(eps, eps_hat).item() == pytest.approx(40.0)
+    assert denoising_loss(eps, eps_hat, reduction="mean").item() == pytest.approx(2.5)
+
+
+def _trainer(net, data, optimizer, ema=None):
+    return SegmentationTrainer(
+        device="cpu", max_epochs=1, train_data_loader=data, step=DenoisingStep(make_segdiff_scheduler(100)),
+        networks={"network": net}, optimizers={"network": optimizer}, train_handlers=[ema] if ema else None,
+    )
 
 
 def test_ema_update_formula_and_checks():
     net = _tiny()
-    ema_net = trainable_copy(net)
+    ema_net = averaged_copy(net)
     ema = ExponentialMovingAverage(net, ema_net, decay=0.9)
     before = [p.detach().clone() for p in ema_net.parameters()]
     with torch.no_grad():
@@ -53,7 +61,7 @@ def test_ema_update_formula_and_checks():
     with pytest.raises(ValueError, match="shares parameters"):
         ExponentialMovingAverage(net, net)
     with pytest.raises(ValueError, match="decay"):
-        ExponentialMovingAverage(net, trainable_copy(net), decay=1.5)
+        ExponentialMovingAverage(net, averaged_copy(net), decay=1.5)
 
 
 def test_ema_of_a_ddp_channels_last_network_starts_equal_and_stays_plain(tmp_path):
@@ -76,11 +84,7 @@ def test_ema_of_a_ddp_channels_last_network_starts_equal_and_stays_plain(tmp_pat
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         data = [{"image": torch.randn(2, 3, 16, 16), "label": torch.randint(0, 2, (2, 1, 16, 16)).float() * 2 - 1}]
         before = [p.detach().clone() for p in ema_net.parameters()]
-        trainer = SegDiffTrainer(
-            device="cpu", max_epochs=1, train_data_loader=data, network=trained,
-            optimizer=torch.optim.AdamW(trained.parameters(), lr=1e-3), scheduler=make_segdiff_scheduler(100), ema=ema,
-        )
-        trainer.run()
+        _trainer(trained, data, torch.optim.AdamW(trained.parameters(), lr=1e-3), ema).run()
         assert ema.num_updates == 1
         for old, new, p in zip(before, ema_net.parameters(), module.parameters()):
             torch.testing.assert_close(new, 0.5 * old + 0.5 * p)
@@ -92,16 +96,14 @@ def test_ema_of_a_ddp_channels_last_network_starts_equal_and_stays_plain(tmp_pat
 @pytest.mark.parametrize("decay", [0.0, 1.0])
 def test_trainer_steps_the_optimiser_and_the_ema(decay):
     net = _tiny()
-    ema_net = trainable_copy(net)
+    ema_net = averaged_copy(net)
     initial = [p.detach().clone() for p in net.parameters()]
     data = [{"image": torch.randn(2, 3, 16, 16), "label": torch.randint(0, 2, (2, 1, 16, 16)).float() * 2 - 1}] * 2
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    trainer = SegDiffTrainer(
-        device="cpu", max_epochs=1, train_data_loader=data, network=net, optimizer=optimizer,
-        scheduler=make_segdiff_scheduler(100), ema=ExponentialMovingAverage(net, ema_net, decay=decay),
-    )
+    ema = ExponentialMovingAverage(net, ema_net, decay=decay)
+    trainer = _trainer(net, data, optimizer, ema)
     trainer.run()
-    assert trainer.state.iteration == 2 and trainer.ema.num_updates == 2
+    assert trainer.state.iteration == 2 and ema.num_updates == 2
     assert trainer.state.output["loss"].item() > 0
     moved = [not torch.equal(a, b) for a, b in zip(initial, net.parameters())]
     assert sum(moved) > len(moved) // 2  # the optimiser changed the trained weights
@@ -119,29 +121,28 @@ def _parse(files, **overrides):
 
 
 def test_overlay_composes_with_train_evaluate_and_inference(tmp_path):
-    train = _parse(["train.yaml", "methods/segdiff.yaml", "evaluate.yaml"], bundle_root=str(tmp_path))
-    assert train["train#trainer#_target_"].endswith("SegDiffTrainer")
+    train = _parse(["train.yaml", "evaluate.yaml", "methods/segdiff.yaml"], bundle_root=str(tmp_path))
+    assert isinstance(train.get_parsed_content("training_step"), DenoisingStep)
     assert train["train#checkpointer#model"] == "@network"  # model.pt holds the EMA weights
-    assert train["train#preprocessing_random"]["_target_"] == "Compose"  # train.yaml's data pipeline is kept
     network, trained = train.get_parsed_content("network"), train.get_parsed_content("train_network")
     ema = train.get_parsed_content("ema")
     assert ema.ema_network is network and ema.network is trained and network is not trained
-    assert unwrap_network(trained) is trained  # single process, no fast paths: a plain copy
-    assert isinstance(train.get_parsed_content("sampler"), EpsDDIMSampler)
+    assert unwrap_network(trained) is trained  # single process, no fast paths: a plain module
+    sampler = train.get_parsed_content("sampler")
+    assert isinstance(sampler, DiffusionSampler) and len(sampler.timesteps) == 10 and sampler.step.eta == 1.0
     assert train.get_parsed_content("validate#inferer").num_generations == train["num_generations"]
-    (metric_names,) = [h["metric_names"] for h in train["evaluate#handlers"] if "metric_names" in h]
-    assert {"wcov", "boundary_f", "calibration"} <= set(metric_names) <= set(train["evaluate#metrics"])
+    names = train.get_parsed_content("evaluate#handlers#report").metric_names
+    assert {"wcov", "boundary_f", "calibration"} <= set(names)
     torch.save(network.state_dict(), tmp_path / "model.pt")
 
-    with pytest.warns(UserWarning, match=r"\+train"):  # no train section to merge into: copied, unused
-        inference = _parse(["inference.yaml", "methods/segdiff.yaml"], bundle_root=str(tmp_path))
+    inference = _parse(["inference.yaml", "methods/segdiff.yaml"], bundle_root=str(tmp_path))
     inference["sampling_method"] = "ddpm"
     served = inference.get_parsed_content("network")
     served.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     assert isinstance(served, SegDiffNetwork)
-    assert isinstance(inference.get_parsed_content("sampler"), EpsDDPMSampler)
     inferer = inference.get_parsed_content("inferer")
-    assert inferer.sampler.num_train_timesteps == 100 and inferer.num_generations == inference["num_generations"]
+    assert inferer.sampler.timesteps == list(range(99, -1, -1)) and inferer.sampler.step.eta is None
+    assert inferer.num_generations == inference["num_generations"]
 
 
 def test_paper_overlay_sets_the_reference_protocol():
@@ -149,8 +150,9 @@ def test_paper_overlay_sets_the_reference_protocol():
     assert paper["network_def#num_channels"] == 128 and paper["network_def#rrdb_blocks"] == 12
     assert paper["num_generations"] == 9 and paper["ema_decay"] == 0.9999
     sampler = paper.get_parsed_content("sampler")
-    assert isinstance(sampler, EpsDDPMSampler) and len(sampler.timesteps) == 100 and not sampler.clip_sample
-    assert sampler.variance(99) == pytest.approx(0.2)  # fixed-large: sigma^2 = beta_T
+    assert len(sampler.timesteps) == 100 and not sampler.step.clip_x0 and sampler.step.eta is None
+    _, _, _, ancestral = sampler.step.coefficients(99, 98)
+    assert float(ancestral) == pytest.approx(0.2)  # fixed-large: sigma^2 = beta_T
 
 
 def test_single_process_training_saves_plain_state_dicts_and_resumes(tmp_path):
@@ -166,8 +168,9 @@ def test_single_process_training_saves_plain_state_dicts_and_resumes(tmp_path):
 
     def run(**overrides):
         parser = _parse(["train.yaml", "methods/segdiff.yaml"], **{**small, **overrides})
-        parser["train#handlers"] = parser["train#handlers"][:2]  # validation and checkpoints; no MLflow or logs
-        parser["validate#handlers"] = []
+        for name in ("train#handlers#mlflow", "train#handlers#stats", "train#handlers#progress",
+                     "validate#handlers#mlflow", "validate#handlers#panels"):
+            parser[f"{name}#_disabled_"] = True  # switched off by name: validation and checkpoints only
         parser.get_parsed_content("training")
         return parser
 
@@ -180,13 +183,13 @@ def test_single_process_training_saves_plain_state_dicts_and_resumes(tmp_path):
     for key, value in first.get_parsed_content("network").state_dict().items():
         torch.testing.assert_close(model[key], value, rtol=0, atol=0)  # model.pt: the validated EMA weights
         torch.testing.assert_close(last["ema_network"][key], value, rtol=0, atol=0)
-    assert last["network"].keys() == model.keys()
+    assert last["networks"]["network"].keys() == model.keys()
 
     resumed = run(resume=True, max_epochs=3)
     trained = resumed.get_parsed_content("train_network")
     assert resumed.get_parsed_content("ema").num_updates == 6
     after = torch.load(last_path, weights_only=True)
     assert after["trainer"]["iteration"] == 6 and after["ema"]["num_updates"] == 6
-    assert all(s["step"] == 6 for s in after["optimizer"]["state"].values())  # the optimiser state was restored
+    assert all(s["step"] == 6 for s in after["optimizers"]["network"]["state"].values())  # optimiser restored
     for key, value in trained.state_dict().items():
-        torch.testing.assert_close(after["network"][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(after["networks"]["network"][key], value, rtol=0, atol=0)

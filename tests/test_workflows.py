@@ -103,7 +103,7 @@ def test_resume_restores_epoch_and_optimizer_state(trained, tmp_path):
     saved = torch.load(trained / "models" / "checkpoints" / "last.pt", weights_only=True)
     # ignite keeps the iteration (and epoch_length) in its state dict; 16 iterations of 8 = epoch 2
     assert saved["trainer"]["iteration"] == 16 and saved["trainer"]["epoch_length"] == 8
-    steps = [s["step"] for s in saved["g_optimizer"]["state"].values()]
+    steps = [s["step"] for s in saved["optimizers"]["generator"]["state"].values()]
     assert steps and all(float(s) == 16 for s in steps)
     # a new run over existing checkpoints is refused, naming the file
     refused = run_bundle("training", ["train.yaml"], trained, *SHORT, check=False)
@@ -114,7 +114,7 @@ def test_resume_restores_epoch_and_optimizer_state(trained, tmp_path):
                "--num_generations", "3", "--batch_size", "6", "--resume", "true")
     resumed = torch.load(trained / "models" / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["trainer"]["iteration"] == 24 and resumed["trainer"]["max_epochs"] == 3
-    steps = [s["step"] for s in resumed["g_optimizer"]["state"].values()]
+    steps = [s["step"] for s in resumed["optimizers"]["generator"]["state"].values()]
     assert all(float(s) == 24 for s in steps)
     assert resumed["checkpointer"]["best_metric"] >= saved["checkpointer"]["best_metric"]
 

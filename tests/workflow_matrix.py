@@ -56,10 +56,14 @@ TINY_DATASET: dict[str, dict[str, Any]] = {
 TINY_RUN = {"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "num_generations": 2, "loss_log_interval": 1}
 
 
-def config_files(workflow: str, method: str, dataset: str, method_first: bool = True) -> list[Path]:
-    """The config files of one cell, the method overlay before or after the dataset overlay."""
+def config_files(
+    workflow: str, method: str, dataset: str, method_first: bool = True, workflow_files: Sequence[str] = ()
+) -> list[Path]:
+    """The config files of one cell (plus further workflow overlays), the method overlay before or after the
+    dataset overlay."""
     overlays = [CONFIGS / "methods" / f"{method}.yaml", CONFIGS / "datasets" / f"{dataset}.yaml"]
-    return [CONFIGS / f for f in WORKFLOWS[workflow]] + (overlays if method_first else overlays[::-1])
+    workflow_paths = [CONFIGS / f for f in (*WORKFLOWS[workflow], *workflow_files)]
+    return workflow_paths + (overlays if method_first else overlays[::-1])
 
 
 def merged_config(files: Sequence[Path]) -> dict:
@@ -99,7 +103,8 @@ def write_tiny_data(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_cell(
-    workflow: str, method: str, dataset: str, bundle_root: Path, data: dict[str, Any], extra: dict | None = None
+    workflow: str, method: str, dataset: str, bundle_root: Path, data: dict[str, Any], extra: dict | None = None,
+    workflow_files: Sequence[str] = (),
 ) -> ConfigParser:
     """Run one workflow of a cell in this process (``training``, ``evaluating`` or ``inference``)."""
     overrides = {**TINY_METHOD[method], **TINY_DATASET[dataset], "bundle_root": str(bundle_root)}
@@ -110,7 +115,7 @@ def run_cell(
         overrides.update({k: v for k, v in data.items() if k != "input_dir"})
     overrides.update(extra or {})
     parser = ConfigParser()
-    parser.read_config([str(f) for f in config_files(workflow, method, dataset)])
+    parser.read_config([str(f) for f in config_files(workflow, method, dataset, workflow_files=workflow_files)])
     for key, value in overrides.items():
         parser[key] = value
     parser.parse()

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
+from monai.utils import convert_to_dst_type
 from torch import nn
 
 from bundle.inferers.autocast import AutocastNetwork, autocast_dtype
@@ -115,7 +116,19 @@ class EnsembleInferer(Inferer):
 
     # -------------------------------------------------------------------------------------------- calls
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor | dict:
-        """Ensemble prediction for images (B, C_img, H, W) or volumes (B, C_img, H, W, D)."""
+        """Ensemble prediction for images (B, C_img, H, W) or volumes (B, C_img, H, W, D).
+
+        A ``MetaTensor`` input gives ``MetaTensor`` outputs with its metadata and transform history, so that
+        ``Invertd`` can undo the preprocessing on the predictions (as MONAI's inferers do).
+        """
+        result = self._infer(inputs, network)
+        if not isinstance(inputs, MetaTensor):
+            return result
+        if isinstance(result, dict):
+            return {k: v if k == "weights" else _with_meta(v, inputs) for k, v in result.items()}
+        return _with_meta(result, inputs)
+
+    def _infer(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor | dict:
         stream = self.noise_stream(inputs)
         if isinstance(inputs, MetaTensor):  # per-row slicing must not split batched metadata
             inputs = inputs.as_tensor()
@@ -196,3 +209,8 @@ class EnsembleInferer(Inferer):
         if len(self.outputs) == 1:
             return result[self.outputs[0]]
         return {k: result[k] for k in self.outputs}
+
+
+def _with_meta(output: torch.Tensor, reference: MetaTensor) -> MetaTensor:
+    """``output`` as a MetaTensor carrying ``reference``'s metadata and applied operations."""
+    return convert_to_dst_type(output, dst=reference, dtype=output.dtype)[0]

@@ -10,8 +10,8 @@ image. This module holds what they share:
 - :func:`pairwise_iou_distance`: d = 1 - IoU between two sets of binary masks, with either convention for two empty
   masks ("zero" as MoSE, "nan" as the official Probabilistic U-Net code).
 - :class:`SampleSetMetric`: the ``CumulativeIterationMetric`` base class. ``metric(y_pred, y)`` takes, per image,
-  ``y_pred`` = samples (N * C, H, W) generation-major (the ``samples`` output of ``EnsembleDiffusionInferer`` and
-  ``SamplingInferer``) or a mapping ``{"samples": ..., "weights": (N,)}``, and ``y`` = annotations (M * C, H, W) with
+  ``y_pred`` = samples (N * C, H, W) generation-major (the ``samples`` output of ``EnsembleInferer``
+  for every method) or a mapping ``{"samples": ..., "weights": (N,)}``, and ``y`` = annotations (M * C, H, W) with
   values in {0, 1} or {-1, 1}; batch-first tensors (B, N * C, H, W) / (B, M * C, H, W) work too.
 - :class:`SampleSetOutput`: the ``output_transform`` that picks these from a MONAI evaluator's output.
 """

@@ -3,7 +3,7 @@
 Every network of the bundle takes ``image_channels`` and ``label_channels`` (and exposes them as attributes), so a
 dataset overlay can set the image channels once (``network_def#image_channels``) whatever the method; this subclass
 only renames MONAI's ``in_channels``/``out_channels``. The output is logits (B, label_channels, H, W); the
-``DeterministicInferer`` turns them into probabilities.
+the ensemble inferer's ``DeterministicSampler`` turns them into probabilities.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Post-processing of ``EnsembleDiffusionInferer`` dict outputs inside MONAI evaluators."""
+"""Post-processing of ``EnsembleInferer`` dict outputs inside MONAI evaluators."""
 
 from __future__ import annotations
 

@@ -52,15 +52,11 @@ def _temp_file(suffix: str) -> str:
 
 
 def _with_generations(inferer: Any, generations: int) -> Any:
-    """A shallow copy of the bundle's inferer with another ensemble size (the cached one is left alone)."""
-    inferer = copy.copy(inferer)
-    if hasattr(inferer, "ensemble") and hasattr(inferer.ensemble, "num_generations"):  # SliceEnsembleInferer
-        inferer.ensemble = copy.copy(inferer.ensemble)
-        inferer.ensemble.num_generations = generations
-    elif hasattr(inferer, "num_generations"):  # EnsembleDiffusionInferer
-        inferer.num_generations = generations
-    else:
+    """A shallow copy of the bundle's ``EnsembleInferer`` with another ensemble size (the cached one is left alone)."""
+    if not hasattr(inferer, "num_generations"):
         raise TypeError(f"{type(inferer).__name__} has no ensemble size to set")
+    inferer = copy.copy(inferer)
+    inferer.num_generations = generations
     return inferer
 
 
@@ -73,11 +69,13 @@ class EnsembleBundleInferTask(BundleInferTask):
             return
         self.model_name = os.path.basename(os.path.normpath(path))
         self.default_generations = int(self.bundle_config.get_parsed_content("num_generations"))
-        self.num_timesteps = int(self.bundle_config.get_parsed_content("num_timesteps"))
+        steps = self.bundle_config.get("num_timesteps")  # diffusion methods only
+        self.num_timesteps = int(self.bundle_config.get_parsed_content("num_timesteps")) if steps is not None else None
         self._config.update({"num_generations": self.default_generations, "save_uncertainty": True})
+        steps = f" ({self.num_timesteps} sampling steps each)" if self.num_timesteps else ""
         self.description = (
-            f"{self.description or ''} Ensemble of {self.default_generations} generations by default "
-            f"({self.num_timesteps} sampling steps each); request option num_generations (1-{MAX_GENERATIONS}). "
+            f"{self.description or ''} Ensemble of {self.default_generations} generations by default"
+            f"{steps}; request option num_generations (1-{MAX_GENERATIONS}). "
             "The uncertainty map is stored under the label tag 'uncertainty'."
         ).strip()
 
@@ -160,7 +158,7 @@ class EnsembleBundleInferTask(BundleInferTask):
     def _save_volume(self, array: np.ndarray, data: dict[str, Any], path: str, dtype) -> str:
         """A volume in the input's voxel grid with its affine and header (the postprocessing inverted the
         reorientation; ``save_label_volume`` checks that the grids agree)."""
-        from bundle.engines.volume_evaluation import save_label_volume
+        from bundle.transforms.writers import save_label_volume
 
         reference = data.get("image_path")
         affine = getattr(data.get(self.output_label_key), "affine", None)
