@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -17,3 +18,12 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"../shared/data not present: {path.resolve()} does not exist (real-data test)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread (and do not stall when the cores are shared); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,8 @@ from bundle.losses.mose import GammaPlateauSchedule, MoSEOptimalTransportLoss, g
 from bundle.networks.mose import MixtureOfStochasticExperts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run faster on one thread, above all on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread
+
 
 def small_net(seed: int = 0) -> MixtureOfStochasticExperts:
     torch.manual_seed(seed)

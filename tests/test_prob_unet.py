@@ -13,13 +13,8 @@ from bundle.inferers.samplers import LatentSampler
 from bundle.networks.prob_unet import ProbabilisticUNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run faster on one thread, above all on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread
+
 
 def small_net(seed: int = 0) -> ProbabilisticUNet:
     torch.manual_seed(seed)

@@ -10,12 +10,7 @@ SMALL = dict(num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_r
              rrdb_blocks=1, rrdb_features=8, rrdb_growth=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread
 
 
 def _small(conditioning="sum"):

@@ -14,13 +14,7 @@ from bundle.inferers.ensemble import EnsembleInferer
 from bundle.networks.segdiff import SegDiffNetwork
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run fastest on one thread (and do not stall when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread
 
 
 def _network(conditioning="sum", seed=0):

@@ -15,7 +15,8 @@ crash never leaves a half-written checkpoint. Under ``torch.distributed`` the ha
 runs no collective operation), every rank restores from ``last.pt``, and only rank 0 writes; networks are saved
 without their DDP wrapper. A new (non-resumed) run refuses to start over an existing checkpoint;
 a resumed run restores every object of ``save_dict``, the trainer's epoch/iteration and the best metric from
-``last.pt`` (loaded with ``weights_only=True`` by MONAI's ``CheckpointLoader``) before the first iteration.
+``last.pt`` (loaded with ``weights_only=True``, restored with ignite's ``Checkpoint.load_objects``, keeping this
+run's ``max_epochs``) before the first iteration.
 """
 
 from __future__ import annotations

@@ -24,13 +24,9 @@ from PIL import Image
 from bundle.runtime import as_bool
 
 
-class SaveMaskAndUncertaintyd(MapTransform):
-    """Save ``mask`` (C, H, W) in {0, 1} and ``uncertainty`` (C, H, W) as PNGs named after the input image.
-
-    Files: ``<output_dir>/masks/<stem>.png`` (uint8, 1 = foreground, 0 = background; for several classes the
-    class index) and ``<output_dir>/uncertainty/<stem>.png`` (uint8, 255 = a standard deviation of 0.5 between
-    generations, the largest possible). An existing file is never replaced unless ``overwrite`` is true.
-    """
+class _PredictionWriterd(MapTransform):
+    """Shared arguments of the writers: ``output_dir``, the keys of the mask, the uncertainty and the input image
+    (whose ``filename_or_obj`` names the outputs), and ``overwrite``."""
 
     def __init__(
         self,
@@ -44,6 +40,16 @@ class SaveMaskAndUncertaintyd(MapTransform):
         self.output_dir = Path(output_dir)
         self.mask_key, self.uncertainty_key, self.image_key = mask_key, uncertainty_key, image_key
         self.overwrite = as_bool(overwrite, "overwrite")
+
+
+
+class SaveMaskAndUncertaintyd(_PredictionWriterd):
+    """Save ``mask`` (C, H, W) in {0, 1} and ``uncertainty`` (C, H, W) as PNGs named after the input image.
+
+    Files: ``<output_dir>/masks/<stem>.png`` (uint8, 1 = foreground, 0 = background; for several classes the
+    class index) and ``<output_dir>/uncertainty/<stem>.png`` (uint8, 255 = a standard deviation of 0.5 between
+    generations, the largest possible). An existing file is never replaced unless ``overwrite`` is true.
+    """
 
     def _write(self, array: np.ndarray, path: Path) -> None:
         if path.exists() and not self.overwrite:
@@ -136,7 +142,7 @@ def volume_file_stem(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-class SaveVolumeAndUncertaintyd(MapTransform):
+class SaveVolumeAndUncertaintyd(_PredictionWriterd):
     """Save a volume's labels and uncertainty as NIfTI files named after the input, in the input's voxel grid.
 
     Reads ``mask`` (1, H, W, D) integer labels (0 background) and ``uncertainty`` (1, H, W, D) float, both already
@@ -144,19 +150,6 @@ class SaveVolumeAndUncertaintyd(MapTransform):
     ``<output_dir>/masks/<stem>.nii.gz`` (uint8) and ``<output_dir>/uncertainty/<stem>.nii.gz`` (float32) with the
     input's affine and header. An existing file is never replaced unless ``overwrite`` is true.
     """
-
-    def __init__(
-        self,
-        output_dir: str,
-        mask_key: str = "mask",
-        uncertainty_key: str = "uncertainty",
-        image_key: str = "image",
-        overwrite: bool = False,
-    ) -> None:
-        super().__init__([mask_key], allow_missing_keys=False)
-        self.output_dir = Path(output_dir)
-        self.mask_key, self.uncertainty_key, self.image_key = mask_key, uncertainty_key, image_key
-        self.overwrite = as_bool(overwrite, "overwrite")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
