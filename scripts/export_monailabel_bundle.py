@@ -24,7 +24,6 @@ An existing output folder is only replaced with ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
@@ -104,17 +103,6 @@ def export(
     train = _compose([CONFIGS / "train.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/train.yaml"], overrides)
     infer = _compose([CONFIGS / "inference.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/infer.yaml"],
                      overrides)
-    # BundleTrainTask inspects train#handlers as a list of dicts (it adds its CheckpointLoader there): the configs'
-    # dict of handlers by name becomes a list, with the handlers given by reference ('@train#checkpointer') inlined
-    handlers = train.get("train#handlers")
-    inlined = []
-    for item in handlers.values() if isinstance(handlers, dict) else handlers or []:
-        if isinstance(item, str) and item.startswith("@"):
-            item = copy.deepcopy(train.get(item[1:]))
-        if not isinstance(item, dict):
-            raise ValueError(f"train#handlers holds {item!r}; MONAI Label's BundleTrainTask needs dicts")
-        inlined.append(item)
-    train["train#handlers"] = inlined
     for parser in (train, infer):
         parser["bundle_root"] = "."
         parser["dataset_name"] = dataset

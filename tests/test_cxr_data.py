@@ -99,7 +99,7 @@ def test_config_pipelines_give_grey_images_and_lung_positive_labels(kaggle):
     # lung (+1) is darker than the body in the image: the positive class is the lung, not the background
     image, label = validation["image"][0], validation["label"][0]
     assert float(image[label > 0].mean()) < float(image[label < 0].mean())
-    cached = _pipeline("train#preprocessing_cached", image_size=32)(dict(pair))
+    cached = _pipeline("train#preprocessing", image_size=32)(dict(pair))
     trained = _pipeline("train#preprocessing_random", image_size=32)(cached)
     assert trained["image"].shape == (1, 32, 32) and set(torch.unique(trained["label"]).tolist()) <= {-1.0, 1.0}
 

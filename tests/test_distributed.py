@@ -112,7 +112,7 @@ def test_two_rank_validation_metric_equals_single_process_value(ddp_run):
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.yaml"))
     parser.update({"bundle_root": str(ddp_run), "dataset_dir": str(ddp_run / "data"), **OVERRIDES})
-    parser["validate#handlers"] = []  # no MLflow run or panels for this check
+    parser["validate#handlers_by_name"] = {}  # no MLflow run or panels for this check
     network = parser.get_parsed_content("network")
     last = torch.load(ddp_run / "models" / "checkpoints" / "last.pt", weights_only=True)
     network.load_state_dict(last["networks"]["generator"])
@@ -167,7 +167,7 @@ def test_segdiff_two_rank_validation_metric_equals_single_process_value(segdiff_
     parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "methods" / "segdiff.yaml")])
     parser.update({"bundle_root": str(segdiff_ddp_run), "dataset_dir": str(segdiff_ddp_run / "data"),
                    **SEGDIFF_OVERRIDES})
-    parser["validate#handlers"] = []  # no MLflow run or panels for this check
+    parser["validate#handlers_by_name"] = {}  # no MLflow run or panels for this check
     parser.get_parsed_content("network").load_state_dict(last["ema_network"])
     evaluator = parser.get_parsed_content("validate#evaluator")
     assert len(evaluator.data_loader.dataset) == 3

@@ -31,7 +31,7 @@ def _parser(root: Path, **overrides) -> ConfigParser:
               **overrides}
     for key, value in values.items():
         parser[key] = value
-    for name in ("train#handlers#mlflow", "train#handlers#progress", "validate#handlers#mlflow"):
+    for name in ("train#handlers_by_name#mlflow", "train#handlers_by_name#progress", "validate#handlers_by_name#mlflow"):
         parser[f"{name}#_disabled_"] = True
     return parser
 

@@ -126,7 +126,7 @@ def test_overlay_composes_with_train_evaluate_and_inference(tmp_path):
     sampler = train.get_parsed_content("sampler")
     assert isinstance(sampler, DiffusionSampler) and len(sampler.timesteps) == 10 and sampler.step.eta == 1.0
     assert train.get_parsed_content("validate#inferer").num_generations == train["num_generations"]
-    names = train.get_parsed_content("evaluate#handlers#report").metric_names
+    names = train.get_parsed_content("evaluate#handlers_by_name#report").metric_names
     assert {"wcov", "boundary_f", "calibration"} <= set(names)
     torch.save(network.state_dict(), tmp_path / "model.pt")
 
@@ -163,8 +163,8 @@ def test_single_process_training_saves_plain_state_dicts_and_resumes(tmp_path):
 
     def run(**overrides):
         parser = _parse(["train.yaml", "methods/segdiff.yaml"], **{**small, **overrides})
-        for name in ("train#handlers#mlflow", "train#handlers#stats", "train#handlers#progress",
-                     "validate#handlers#mlflow", "validate#handlers#panels"):
+        for name in ("train#handlers_by_name#mlflow", "train#handlers_by_name#stats", "train#handlers_by_name#progress",
+                     "validate#handlers_by_name#mlflow", "validate#handlers_by_name#panels"):
             parser[f"{name}#_disabled_"] = True  # switched off by name: validation and checkpoints only
         parser.get_parsed_content("training")
         return parser
