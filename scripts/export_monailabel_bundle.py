@@ -119,8 +119,10 @@ def export(
         shutil.rmtree(staging)
     (staging / "configs").mkdir(parents=True)
     (staging / "models").mkdir()
-    ConfigParser.export_config_file(infer.get(), str(staging / "configs" / "inference.yaml"), fmt="yaml")
-    ConfigParser.export_config_file(train.get(), str(staging / "configs" / "train.yaml"), fmt="yaml")
+    # keys in the configs' order (handlers attach in their order): no sorting
+    ConfigParser.export_config_file(infer.get(), str(staging / "configs" / "inference.yaml"), fmt="yaml",
+                                    sort_keys=False)
+    ConfigParser.export_config_file(train.get(), str(staging / "configs" / "train.yaml"), fmt="yaml", sort_keys=False)
     shutil.copy2(CONFIGS / "logging.conf", staging / "configs" / "logging.conf")
     torch.save(weights, staging / "models" / "model.pt")
 

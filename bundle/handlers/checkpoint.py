@@ -198,9 +198,17 @@ class AtomicCheckpointSaver:
         self.best_epoch = int(state["best_epoch"])
 
     def attach(self, engine: Engine) -> None:
+        """Restore or refuse at the start; ``last.pt`` at every epoch end; ``model.pt`` when a validation improves.
+
+        The best model is saved when the validation evaluator completes (whichever order the trainer's handlers
+        were attached in); ``last.pt`` is written again if that validation comes after this epoch's ``last.pt``.
+        """
         self.trainer = engine
+        self._last_saved_epoch = -1
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self._validated)
 
     def _objects(self) -> dict[str, Any]:
         objects = {k: _unwrapped(v) for k, v in self.save_dict.items()}
@@ -236,18 +244,24 @@ class AtomicCheckpointSaver:
             )
 
     def _epoch_completed(self, engine: Engine) -> None:
-        epoch = int(engine.state.epoch)
-        writer = process_rank() == 0
-        model_state = _unwrapped(self.model).state_dict
-        if self.evaluator is None:
-            if writer:
-                atomic_torch_save(model_state(), self.model_path)
-        elif self.evaluator.state.epoch == epoch and self.key_metric_name in self.evaluator.state.metrics:
-            value = float(self.evaluator.state.metrics[self.key_metric_name])
-            if value > self.best_metric:
-                self.best_metric, self.best_epoch = value, epoch
-                if writer:
-                    atomic_torch_save(model_state(), self.model_path)
-                logger.info(f"epoch {epoch}: new best {self.key_metric_name} = {value:.4f}, saved {self.model_path}")
-        if writer:
+        if self.evaluator is None and process_rank() == 0:
+            atomic_torch_save(_unwrapped(self.model).state_dict(), self.model_path)
+        self._save_last(int(engine.state.epoch))
+
+    def _validated(self, evaluator: Engine) -> None:
+        if self.trainer is None or self.key_metric_name not in evaluator.state.metrics:
+            return
+        epoch = int(self.trainer.state.epoch)
+        value = float(evaluator.state.metrics[self.key_metric_name])
+        if value > self.best_metric:
+            self.best_metric, self.best_epoch = value, epoch
+            if process_rank() == 0:
+                atomic_torch_save(_unwrapped(self.model).state_dict(), self.model_path)
+            logger.info(f"epoch {epoch}: new best {self.key_metric_name} = {value:.4f}, saved {self.model_path}")
+            if self._last_saved_epoch == epoch:  # this epoch's last.pt was written before the validation
+                self._save_last(epoch)
+
+    def _save_last(self, epoch: int) -> None:
+        self._last_saved_epoch = epoch
+        if process_rank() == 0:
             atomic_torch_save({k: _state_of(v) for k, v in self._objects().items()}, self.last_path)
