@@ -6,7 +6,18 @@ what ``$import bundle`` in the bundle configs relies on. Layers, lowest first: `
 (nothing below ``engines`` imports it); ``reports``. See docs/architecture.md.
 """
 
-from bundle import runtime  # noqa: F401  (first: the lower layers import it)
-from bundle import data, diffusion, engines, handlers, inferers, losses, metrics, networks, reports, transforms  # noqa: F401
+from bundle import (  # noqa: F401
+    data,
+    diffusion,
+    engines,
+    handlers,
+    inferers,
+    losses,
+    metrics,
+    networks,
+    reports,
+    runtime,  # noqa: F401  (first: the lower layers import it)
+    transforms,
+)
 
 __version__ = "0.1.0"

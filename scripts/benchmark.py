@@ -197,7 +197,11 @@ def project_path(
 ) -> torch.Tensor:
     """The bundle's path: ``EnsembleInferer`` (encoder once per image, generations batched)."""
     inferer = EnsembleInferer(
-        sampler, num_generations=generations, outputs="mean", generation_batch_size=generation_batch_size, seed=0,
+        sampler,
+        num_generations=generations,
+        outputs="mean",
+        generation_batch_size=generation_batch_size,
+        seed=0,
         autocast=autocast,
     )
     return inferer.ensemble(image, network)
@@ -271,9 +275,16 @@ def benchmark_network(
         )  # always one warm-up here: it absorbs the compilation
         step_fast = t["step_one_generation_fast"]
     params = sum(p.numel() for p in network.parameters()) / 1e6
-    detail = {"seconds": t, "seconds_per_generation_step_batch": step_batch, "seconds_per_generation_step_cpu": step_cpu,
-              "gflop_encoder": flop_encoder / 1e9, "gflop_naive_call": flop_naive / 1e9,
-              "gflop_step_per_generation": flop_step / 1e9, "repeats": repeats, "warm_up": warm}
+    detail = {
+        "seconds": t,
+        "seconds_per_generation_step_batch": step_batch,
+        "seconds_per_generation_step_cpu": step_cpu,
+        "gflop_encoder": flop_encoder / 1e9,
+        "gflop_naive_call": flop_naive / 1e9,
+        "gflop_step_per_generation": flop_step / 1e9,
+        "repeats": repeats,
+        "warm_up": warm,
+    }
     reference_steps, reference_n = CASES[method][0][1], CASES[method][0][2]
     rows = []
     for label, steps, gens in CASES[method]:
@@ -286,20 +297,37 @@ def benchmark_network(
         if step_fast is not None:
             fast_s = t["encoder_fast"] + steps * gens * step_fast
             extra = dict(
-                fast_paths=fast["label"], seconds_project_fast=fast_s, speedup_fast=naive / fast_s,
+                fast_paths=fast["label"],
+                seconds_project_fast=fast_s,
+                speedup_fast=naive / fast_s,
                 gflops_project_fast=gflop_project / fast_s,
                 percent_of_peak_project_fast=100 * gflop_project / fast_s / fast["peak"],
             )
-        rows.append(Row(
-            method=method, profile=profile, sampler=label, steps=steps, generations=gens, params_m=params,
-            gflop_naive=gflop_naive, gflop_project=gflop_project, seconds_naive=naive,
-            seconds_project_batch=batch, seconds_project_cpu=cpu, speedup_batch=naive / batch,
-            speedup_cpu=naive / cpu, speedup_cpu_vs_reference_loop=reference_n * reference_steps * t["naive_call"] / cpu,
-            gflops_naive=gflop_naive / naive, gflops_project_cpu=gflop_project / cpu,
-            percent_of_peak_naive=100 * gflop_naive / naive / peak,
-            percent_of_peak_project_cpu=100 * gflop_project / cpu / peak,
-            timing="per-call times measured, chains extrapolated", detail=detail, **extra,
-        ))
+        rows.append(
+            Row(
+                method=method,
+                profile=profile,
+                sampler=label,
+                steps=steps,
+                generations=gens,
+                params_m=params,
+                gflop_naive=gflop_naive,
+                gflop_project=gflop_project,
+                seconds_naive=naive,
+                seconds_project_batch=batch,
+                seconds_project_cpu=cpu,
+                speedup_batch=naive / batch,
+                speedup_cpu=naive / cpu,
+                speedup_cpu_vs_reference_loop=reference_n * reference_steps * t["naive_call"] / cpu,
+                gflops_naive=gflop_naive / naive,
+                gflops_project_cpu=gflop_project / cpu,
+                percent_of_peak_naive=100 * gflop_naive / naive / peak,
+                percent_of_peak_project_cpu=100 * gflop_project / cpu / peak,
+                timing="per-call times measured, chains extrapolated",
+                detail=detail,
+                **extra,
+            )
+        )
     return rows
 
 
@@ -316,19 +344,36 @@ def end_to_end_check(profile: str, size: int, repeats: int, fast: dict | None = 
         network_fast = torch.compile(network_cl) if fast.get("compile") else network_cl
         autocast = "bfloat16" if fast.get("amp") else None
         extra["seconds_project_fast"] = median_seconds(
-            lambda: project_path(sampler, network_fast, image.contiguous(memory_format=torch.channels_last), n,
-                                 generation_batch_size=1, autocast=autocast), repeats)
+            lambda: project_path(
+                sampler,
+                network_fast,
+                image.contiguous(memory_format=torch.channels_last),
+                n,
+                generation_batch_size=1,
+                autocast=autocast,
+            ),
+            repeats,
+        )
         extra["fast_paths"] = fast["label"]
-    return {**extra,
-        "method": "cdal", "profile": profile, "steps": steps, "generations": n,
+    return {
+        **extra,
+        "method": "cdal",
+        "profile": profile,
+        "steps": steps,
+        "generations": n,
         "seconds_naive": median_seconds(lambda: naive_loop(sampler, network, image, n), repeats),
         "seconds_project_batch": median_seconds(lambda: project_path(sampler, network, image, n), repeats),
         "seconds_project_one_generation_chunks": median_seconds(
             lambda: project_path(sampler, network, image, n, generation_batch_size=1), repeats
         ),
         "seconds_project_cpu_setting": median_seconds(
-            lambda: project_path(sampler, network.to(memory_format=torch.channels_last),
-                                 image.contiguous(memory_format=torch.channels_last), n, generation_batch_size=1),
+            lambda: project_path(
+                sampler,
+                network.to(memory_format=torch.channels_last),
+                image.contiguous(memory_format=torch.channels_last),
+                n,
+                generation_batch_size=1,
+            ),
             repeats,
         ),
     }
@@ -358,15 +403,20 @@ def markdown_section(result: dict) -> str:
     ]
     fast_rows = [r for r in rows if r.get("seconds_project_fast") is not None]
     if fast_rows:
-        lines[-2] = lines[-2][:-1] + (f"| s/image project, + {fast_rows[0]['fast_paths']} | speed-up + fast paths "
-                                      "| fast GFLOP/s (% of its peak) |")
+        lines[-2] = lines[-2][:-1] + (
+            f"| s/image project, + {fast_rows[0]['fast_paths']} | speed-up + fast paths "
+            "| fast GFLOP/s (% of its peak) |"
+        )
         lines[-1] += "---|---|---|"
     for r in rows:
         fast_cells = ""
         if fast_rows:
-            fast_cells = (" n/a | n/a | n/a |" if r.get("seconds_project_fast") is None else
-                          f" {r['seconds_project_fast']:,.1f} | **{r['speedup_fast']:.2f}x** "
-                          f"| {r['gflops_project_fast']:.1f} ({r['percent_of_peak_project_fast']:.0f} %) |")
+            fast_cells = (
+                " n/a | n/a | n/a |"
+                if r.get("seconds_project_fast") is None
+                else f" {r['seconds_project_fast']:,.1f} | **{r['speedup_fast']:.2f}x** "
+                f"| {r['gflops_project_fast']:.1f} ({r['percent_of_peak_project_fast']:.0f} %) |"
+            )
         lines.append(
             f"| {r['method']} | {r['profile']} | {r['sampler']} | {r['steps']} | {r['generations']} "
             f"| {r['params_m']:.1f} | {r['gflop_naive']:,.0f} / {r['gflop_project']:,.0f} | {r['seconds_naive']:,.1f} "
@@ -384,21 +434,28 @@ def markdown_section(result: dict) -> str:
         "extrapolated from them. Project GFLOP/s are for the CPU setting.",
     ]
     if fast_rows:
-        lines.append(f"- Fast paths = the CPU setting with {fast_rows[0]['fast_paths']} (the bundle's `amp` / "
-                     f"`compile` switches; `amp` = the inferer's `autocast=\"bfloat16\"`). Its % of peak is against the "
-                     f"measured bf16 matmul peak ({result['matmul_peak_gflops_bf16']:.1f} GFLOP/s) when bf16 is on.")
+        lines.append(
+            f"- Fast paths = the CPU setting with {fast_rows[0]['fast_paths']} (the bundle's `amp` / "
+            f'`compile` switches; `amp` = the inferer\'s `autocast="bfloat16"`). Its % of peak is against the '
+            f"measured bf16 matmul peak ({result['matmul_peak_gflops_bf16']:.1f} GFLOP/s) when bf16 is on."
+        )
     for r in rows:
         if r["sampler"] == "ddim":
-            lines.append(f"- SegDiff DDIM {r['steps']} ({r['profile']}) against the reference DDPM-100 loop: "
-                         f"{r['speedup_cpu_vs_reference_loop']:.1f}x.")
+            lines.append(
+                f"- SegDiff DDIM {r['steps']} ({r['profile']}) against the reference DDPM-100 loop: "
+                f"{r['speedup_cpu_vs_reference_loop']:.1f}x."
+            )
     for check in result.get("end_to_end", []):
         lines.append(
             f"- End-to-end check, cDAL {check['profile']} (T = {check['steps']}, N = {check['generations']}, measured "
             f"whole chains): naive {check['seconds_naive']:.1f} s, project one batch "
             f"{check['seconds_project_batch']:.1f} s, project in chunks of 1 {check['seconds_project_one_generation_chunks']:.1f} s, "
             f"CPU setting {check['seconds_project_cpu_setting']:.1f} s"
-            + (f", + {check['fast_paths']} {check['seconds_project_fast']:.1f} s." if "seconds_project_fast" in check
-               else ".")
+            + (
+                f", + {check['fast_paths']} {check['seconds_project_fast']:.1f} s."
+                if "seconds_project_fast" in check
+                else "."
+            )
         )
     return "\n".join(lines) + "\n"
 
@@ -437,9 +494,12 @@ def main(argv: list[str] | None = None) -> dict:
     machine["device"] = str(DEVICE)
     if DEVICE.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(DEVICE)
-    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "python scripts/benchmark.py "
-                    + " ".join(argv if argv is not None else sys.argv[1:]), "machine": machine,
-                    "image_size": args.size}
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine,
+        "image_size": args.size,
+    }
     peak = result["matmul_peak_gflops"] = result["matmul_peak_gflops_start"] = measure_matmul_peak()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {machine['cpu']} ({machine['torch_threads']} threads)", flush=True)
     fast = None
@@ -456,12 +516,18 @@ def main(argv: list[str] | None = None) -> dict:
             repeats = args.paper_repeats if profile == "paper" else args.repeats
             new = benchmark_network(method, profile, args.size, repeats, peak, fast)
             for r in new:
-                print(f"{r.method:8s} {r.profile:6s} {r.sampler:9s} naive {r.seconds_naive:10.1f} s  project "
-                      f"{r.seconds_project_batch:9.1f} s (one batch, {r.speedup_batch:4.2f}x)  "
-                      f"{r.seconds_project_cpu:9.1f} s (CPU setting, {r.speedup_cpu:4.2f}x)  "
-                      f"{r.gflops_project_cpu:6.1f} GFLOP/s ({r.percent_of_peak_project_cpu:.0f} % of peak)"
-                      + (f"  {r.seconds_project_fast:9.1f} s (+ {r.fast_paths}, {r.speedup_fast:4.2f}x)"
-                         if r.seconds_project_fast is not None else ""), flush=True)
+                print(
+                    f"{r.method:8s} {r.profile:6s} {r.sampler:9s} naive {r.seconds_naive:10.1f} s  project "
+                    f"{r.seconds_project_batch:9.1f} s (one batch, {r.speedup_batch:4.2f}x)  "
+                    f"{r.seconds_project_cpu:9.1f} s (CPU setting, {r.speedup_cpu:4.2f}x)  "
+                    f"{r.gflops_project_cpu:6.1f} GFLOP/s ({r.percent_of_peak_project_cpu:.0f} % of peak)"
+                    + (
+                        f"  {r.seconds_project_fast:9.1f} s (+ {r.fast_paths}, {r.speedup_fast:4.2f}x)"
+                        if r.seconds_project_fast is not None
+                        else ""
+                    ),
+                    flush=True,
+                )
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             rows += new
     result["end_to_end"] = []

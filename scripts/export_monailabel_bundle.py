@@ -72,8 +72,9 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         if isinstance(state.get(key), dict):
             return state[key]
     if not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{checkpoint}: neither a state dict nor a training checkpoint with networks "
-                         f"(keys: {sorted(state)[:8]})")
+        raise ValueError(
+            f"{checkpoint}: neither a state dict nor a training checkpoint with networks (keys: {sorted(state)[:8]})"
+        )
     return state
 
 
@@ -101,8 +102,9 @@ def export(
     overrides = dict(overrides or {})
 
     train = _compose([CONFIGS / "train.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/train.yaml"], overrides)
-    infer = _compose([CONFIGS / "inference.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/infer.yaml"],
-                     overrides)
+    infer = _compose(
+        [CONFIGS / "inference.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/infer.yaml"], overrides
+    )
     for parser in (train, infer):
         parser["bundle_root"] = "."
         parser["dataset_name"] = dataset
@@ -120,8 +122,9 @@ def export(
     (staging / "configs").mkdir(parents=True)
     (staging / "models").mkdir()
     # keys in the configs' order (handlers attach in their order): no sorting
-    ConfigParser.export_config_file(infer.get(), str(staging / "configs" / "inference.yaml"), fmt="yaml",
-                                    sort_keys=False)
+    ConfigParser.export_config_file(
+        infer.get(), str(staging / "configs" / "inference.yaml"), fmt="yaml", sort_keys=False
+    )
     ConfigParser.export_config_file(train.get(), str(staging / "configs" / "train.yaml"), fmt="yaml", sort_keys=False)
     shutil.copy2(CONFIGS / "logging.conf", staging / "configs" / "logging.conf")
     torch.save(weights, staging / "models" / "model.pt")
@@ -132,23 +135,37 @@ def export(
     metadata["network_data_format"] = {
         "inputs": {
             "image": {
-                "type": "image", "format": "magnitude", "num_channels": image_channels, "spatial_shape": spatial,
-                "dtype": "float32", "value_range": [], "is_patch_data": False,
+                "type": "image",
+                "format": "magnitude",
+                "num_channels": image_channels,
+                "spatial_shape": spatial,
+                "dtype": "float32",
+                "value_range": [],
+                "is_patch_data": False,
                 "channel_def": {"0": "R", "1": "G", "2": "B"} if image_channels == 3 else {"0": "image"},
             }
         },
         "outputs": {
             "pred": {
-                "type": "image", "format": "labels", "num_channels": 1, "spatial_shape": spatial, "dtype": "uint8",
-                "value_range": [0, label_channels - 1], "is_patch_data": False, "channel_def": labels,
+                "type": "image",
+                "format": "labels",
+                "num_channels": 1,
+                "spatial_shape": spatial,
+                "dtype": "uint8",
+                "value_range": [0, label_channels - 1],
+                "is_patch_data": False,
+                "channel_def": labels,
             }
         },
     }
     metadata["monailabel"] = {
-        "dataset": dataset, "dimension": dimension, "slice_wise": dimension == 3,
+        "dataset": dataset,
+        "dimension": dimension,
+        "slice_wise": dimension == 3,
         "uncertainty": "per-pixel standard deviation of the generations' probabilities (largest over the "
         "foreground classes for multi-class models)",
-        "source_checkpoint": str(checkpoint.resolve()), "method_configs": [str(m) for m in method_configs],
+        "source_checkpoint": str(checkpoint.resolve()),
+        "method_configs": [str(m) for m in method_configs],
     }
     metadata["task"] = f"{metadata.get('task', '')} ({dataset}, served through MONAI Label)"
     (staging / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
@@ -161,12 +178,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--checkpoint", required=True, type=Path, help="models/model.pt or checkpoints/last.pt")
     parser.add_argument("--output", required=True, type=Path, help="the bundle folder to write (MONAI Label model)")
-    parser.add_argument("--method_configs", nargs="*", default=[],
-                        help="method (and paper) overlays the model was trained with, e.g. methods/segdiff.yaml")
+    parser.add_argument(
+        "--method_configs",
+        nargs="*",
+        default=[],
+        help="method (and paper) overlays the model was trained with, e.g. methods/segdiff.yaml",
+    )
     parser.add_argument("--dataset_dir", default=None, help="dataset folder for fine-tuning (dataset_dir key)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="the command-line overrides the model was trained with (values parsed as YAML), "
-                        "e.g. network_def#num_channels=16 num_timesteps=2")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the command-line overrides the model was trained with (values parsed as YAML), "
+        "e.g. network_def#num_channels=16 num_timesteps=2",
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     overrides = {"dataset_dir": args.dataset_dir} if args.dataset_dir else {}

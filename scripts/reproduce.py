@@ -73,8 +73,18 @@ def _config_files(method: str, dataset: str, paper: bool, evaluate: bool) -> lis
 
 def _run_bundle(run_id: str, files: list[Path], root: Path, args: list[str], log_name: str, dry_run: bool) -> None:
     config = "[" + ",".join(f"'{f}'" for f in files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, "--bundle_root", str(root),
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        config,
+        "--bundle_root",
+        str(root),
+        *args,
+    ]
     print("$ " + " ".join(cmd), flush=True)
     if dry_run:
         return
@@ -116,35 +126,65 @@ def run_fold(options: argparse.Namespace, method: str, fold: int, tracking_uri: 
     common += _key_values(options.set)
     if not (root / DONE_MARKER).is_file() and not options.evaluate_only:
         resume = ["--resume", "true"] if (root / "models" / "checkpoints" / "last.pt").is_file() else []
-        _run_bundle("training", _config_files(method, options.dataset, options.paper, False), root,
-                    common + resume, "training.log", options.dry_run)
+        _run_bundle(
+            "training",
+            _config_files(method, options.dataset, options.paper, False),
+            root,
+            common + resume,
+            "training.log",
+            options.dry_run,
+        )
         if not options.dry_run:
             (root / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
     if not (root / "models" / "model.pt").is_file() and not options.dry_run:
         raise SystemExit(f"{root / 'models' / 'model.pt'}: no trained model to evaluate")
-    _run_bundle("evaluating", _config_files(method, options.dataset, options.paper, True), root,
-                common + ["--eval_subset", options.eval_subset, "--eval_dir", str(eval_dir),
-                          *_key_values(options.eval_set)], "evaluating.log", options.dry_run)
+    _run_bundle(
+        "evaluating",
+        _config_files(method, options.dataset, options.paper, True),
+        root,
+        common + ["--eval_subset", options.eval_subset, "--eval_dir", str(eval_dir), *_key_values(options.eval_set)],
+        "evaluating.log",
+        options.dry_run,
+    )
     return eval_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", "--method", nargs="+", required=True,
-                        help="method overlays (configs/methods/<name>.yaml); the first is the t-test reference")
+    parser.add_argument(
+        "--methods",
+        "--method",
+        nargs="+",
+        required=True,
+        help="method overlays (configs/methods/<name>.yaml); the first is the t-test reference",
+    )
     parser.add_argument("--dataset", required=True, help="dataset overlay (configs/datasets/<name>.yaml)")
     parser.add_argument("--folds", nargs="+", type=int, default=[0], help="folds (or repeats) to run")
     parser.add_argument("--results", default="results", help="results folder (runs, tables, mlruns.db)")
     parser.add_argument("--dataset_dir", help="the dataset in its original layout (default: the overlay's)")
     parser.add_argument("--paper", action="store_true", help="add configs/paper/<method>_<dataset>.yaml (GPU scale)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides for training and evaluation, e.g. max_epochs=20")
-    parser.add_argument("--eval_set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides for evaluation only, e.g. num_generations=30")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for training and evaluation, e.g. max_epochs=20",
+    )
+    parser.add_argument(
+        "--eval_set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for evaluation only, e.g. num_generations=30",
+    )
     parser.add_argument("--eval_subset", default="test", help="datalist subset scored (default: the held-out fold)")
     parser.add_argument("--metrics", nargs="+", default=["dice", "iou", "precision", "recall"])
-    parser.add_argument("--pairing", choices=("image", "fold"), default="image",
-                        help="t-test pairs: the same images in both methods (default) or the fold means")
+    parser.add_argument(
+        "--pairing",
+        choices=("image", "fold"),
+        default="image",
+        help="t-test pairs: the same images in both methods (default) or the fold means",
+    )
     parser.add_argument("--seed", type=int, default=1024, help="base seed of the repeats of fold-less datasets")
     parser.add_argument("--evaluate_only", action="store_true", help="evaluate existing models, never train")
     parser.add_argument("--tabulate_only", action="store_true", help="only read finished runs and tabulate")

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import torch
-
 from workflow_matrix import REPO, TINY_DATASET, TINY_RUN, merged_config, write_tiny_data
 
 PAGE = REPO / "docs" / "architecture.md"
@@ -44,14 +43,19 @@ def _run_workflows(tmp_path: Path, overlay: Path, data: dict) -> None:
     from monai.bundle import ConfigParser
 
     root = tmp_path / "run"
-    tiny = {**TINY_DATASET["synthetic"], "bundle_root": str(root), "num_timesteps": 20, "num_generations": 2,
-            "network_def#num_channels": [8, 16]}
-    workflows = {
-        "training": (["train.yaml"], {**TINY_RUN, "dataset_root": data["dataset_root"]}),
-        "evaluating": (["train.yaml", "evaluate.yaml"], {**TINY_RUN, "dataset_root": data["dataset_root"]}),
-        "inference": (["inference.yaml"], {"input_dir": data["input_dir"], "output_dir": str(root / "inference")}),
+    tiny = {
+        **TINY_DATASET["synthetic"],
+        "bundle_root": str(root),
+        "num_timesteps": 20,
+        "num_generations": 2,
+        "network_def#num_channels": [8, 16],
     }
-    for name, (bases, overrides) in workflows.items():
+    workflows = [  # training, evaluating, inference
+        (["train.yaml"], {**TINY_RUN, "dataset_root": data["dataset_root"]}),
+        (["train.yaml", "evaluate.yaml"], {**TINY_RUN, "dataset_root": data["dataset_root"]}),
+        (["inference.yaml"], {"input_dir": data["input_dir"], "output_dir": str(root / "inference")}),
+    ]
+    for bases, overrides in workflows:
         files = [REPO / "configs" / b for b in bases] + [overlay]
         parser = ConfigParser()
         parser.read_config([str(f) for f in files])

@@ -88,7 +88,7 @@ def test_boundary_f_agrees_with_brute_force_distances():
 def test_boundary_metric_per_image_from_probabilities_and_signed_labels():
     square = torch.from_numpy(_square()).float()
     pred = torch.stack([square * 0.8, torch.zeros_like(square)])[:, None]  # image 1 predicts nothing
-    label = (torch.stack([square, square])[:, None] * 2 - 1)
+    label = torch.stack([square, square])[:, None] * 2 - 1
     metric = BoundaryFScoreMetric()
     metric(pred, label)
     assert metric.get_buffer().flatten().tolist() == pytest.approx([1.0, 0.0])

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 from monai.bundle import ConfigWorkflow
-
 from workflow_matrix import CONFIGS
 
 
-@pytest.mark.parametrize(("workflow_type", "files"), [
-    ("train", ["train.yaml"]),
-    ("train", ["train.yaml", "methods/segdiff.yaml", "datasets/hippocampus.yaml"]),
-    ("infer", ["inference.yaml"]),
-    ("infer", ["inference.yaml", "methods/mose.yaml", "datasets/lidc.yaml"]),
-])
+@pytest.mark.parametrize(
+    ("workflow_type", "files"),
+    [
+        ("train", ["train.yaml"]),
+        ("train", ["train.yaml", "methods/segdiff.yaml", "datasets/hippocampus.yaml"]),
+        ("infer", ["inference.yaml"]),
+        ("infer", ["inference.yaml", "methods/mose.yaml", "datasets/lidc.yaml"]),
+    ],
+)
 def test_check_properties_finds_nothing_missing(tmp_path, workflow_type, files):
     data = tmp_path / "data"
     if "datasets/hippocampus.yaml" in files:
@@ -29,9 +31,13 @@ def test_check_properties_finds_nothing_missing(tmp_path, workflow_type, files):
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "inputs" / "a.png")
         inputs = {"input_dir": str(tmp_path / "inputs")}
     workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"), workflow_type=workflow_type, bundle_root=str(tmp_path),
-        dataset_dir=str(data), **inputs,
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(tmp_path),
+        dataset_dir=str(data),
+        **inputs,
     )
     workflow.initialize()
     assert workflow.check_properties() == []

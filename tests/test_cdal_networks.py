@@ -11,8 +11,14 @@ from bundle.networks.cdal import CDALDiscriminator, CDALGenerator
 
 # small CPU profile (README quick start scale)
 CPU_GENERATOR = dict(
-    num_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(16,), image_size=64,
-    cond_enc_layers=2, nz=32, z_emb_dim=64,
+    num_channels=32,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attention_resolutions=(16,),
+    image_size=64,
+    cond_enc_layers=2,
+    nz=32,
+    z_emb_dim=64,
 )
 CPU_DISCRIMINATOR = dict(ngf=16, channel_mult=(2, 4, 4))
 REFERENCE_GENERATOR_PARAMS = 41.7e6  # METHODS.md section 7, Hejrati/cDAL MoNuSeg generator

@@ -52,11 +52,15 @@ def test_best_model_and_last_checkpoint_whatever_the_handler_order(tmp_path, sav
             network.weight.add_(1.0)  # the weights change every iteration: they tell which epoch was saved
 
     trainer = Engine(step)
-    for handler in ([saver, validation] if saver_first else [validation, saver]):
+    for handler in [saver, validation] if saver_first else [validation, saver]:
         handler.attach(trainer)
     best = {}
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: best.setdefault(
-        e.state.epoch, torch.load(tmp_path / "model.pt", weights_only=True)["weight"].clone()))
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: best.setdefault(
+            e.state.epoch, torch.load(tmp_path / "model.pt", weights_only=True)["weight"].clone()
+        ),
+    )
     trainer.run([0], max_epochs=3)
     model = torch.load(tmp_path / "model.pt", weights_only=True)
     torch.testing.assert_close(model["weight"], best[2])  # epoch 2's weights, the best validation

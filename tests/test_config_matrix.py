@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 import yaml
-
 from workflow_matrix import CONFIGS, DATASETS, METHODS, WORKFLOWS, config_files, merged_config
 
 CELLS = list(itertools.product(WORKFLOWS, METHODS, DATASETS))
@@ -49,14 +48,30 @@ def test_default_overlays_restate_the_bases(base):
     """train.yaml and inference.yaml alone are cDAL on the synthetic data: their method and dataset overlays restate
     those defaults exactly, so the defaults cannot drift from the overlays."""
     alone = merged_config([CONFIGS / base])
-    with_defaults = merged_config([CONFIGS / base, CONFIGS / "methods" / "cdal.yaml", CONFIGS / "datasets" / "synthetic.yaml"])
+    with_defaults = merged_config(
+        [CONFIGS / base, CONFIGS / "methods" / "cdal.yaml", CONFIGS / "datasets" / "synthetic.yaml"]
+    )
     assert {k: with_defaults[k] for k in alone} == alone
 
 
 def test_every_method_fills_the_method_slots():
-    required = {"method", "num_generations", "network_def", "networks", "optimizers", "lr_schedulers",
-                "training_step", "sampler", "ema_decay", "checkpoint_extras", "method_handlers", "method_params",
-                "max_epochs", "epoch_length", "val_interval"}
+    required = {
+        "method",
+        "num_generations",
+        "network_def",
+        "networks",
+        "optimizers",
+        "lr_schedulers",
+        "training_step",
+        "sampler",
+        "ema_decay",
+        "checkpoint_extras",
+        "method_handlers",
+        "method_params",
+        "max_epochs",
+        "epoch_length",
+        "val_interval",
+    }
     for method in METHODS:
         missing = required - _keys(CONFIGS / "methods" / f"{method}.yaml")
         assert not missing, f"methods/{method}.yaml lacks {sorted(missing)}"

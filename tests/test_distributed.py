@@ -16,12 +16,15 @@ from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SMALL_DATA = (
-    "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=12, num_test=3, size=256, seed=0)"
-)
+SMALL_DATA = "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=12, num_test=3, size=256, seed=0)"
 OVERRIDES = {
-    "dataset_root": SMALL_DATA, "val_fraction": 0.25, "epoch_length": 5, "max_epochs": 2, "val_interval": 2,
-    "num_generations": 2, "batch_size": 4,
+    "dataset_root": SMALL_DATA,
+    "val_fraction": 0.25,
+    "epoch_length": 5,
+    "max_epochs": 2,
+    "val_interval": 2,
+    "num_generations": 2,
+    "batch_size": 4,
 }
 RANK_WEIGHTS = """
 finalize:
@@ -41,9 +44,24 @@ finalize:
 
 def _torchrun(root: Path, configs: list[Path], overrides: dict, dataset_dir: Path | None = None) -> Path:
     """Run ``training`` with two gloo processes under torchrun in ``root`` (the bundle root); returns ``root``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "monai.bundle", "run", "training", "--config_file", "[" + ",".join(f"'{f}'" for f in configs) + "]",
-           "--bundle_root", str(root), "--dataset_dir", str(dataset_dir or root / "data")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "[" + ",".join(f"'{f}'" for f in configs) + "]",
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(dataset_dir or root / "data"),
+    ]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -67,10 +85,19 @@ def hippocampus_ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_hippocampus")
     data = write_synthetic_hippocampus(root / "Task04_Hippocampus", num_cases=8, shape=(22, 26, 20), seed=0)
     configs = [CONFIGS / "train.yaml", CONFIGS / "multi_gpu_train.yaml", CONFIGS / "datasets" / "hippocampus.yaml"]
-    overrides = {"epoch_length": 4, "max_epochs": 2, "val_interval": 2, "num_generations": 2, "patch_size": 16,
-                 "image_size": 16, "crops_per_volume": 1, "val_fraction": 0.5, "network_def#num_channels": 16,
-                 "loss_log_interval": 4,
-                 "network_def#attention_resolutions": "[]"}
+    overrides = {
+        "epoch_length": 4,
+        "max_epochs": 2,
+        "val_interval": 2,
+        "num_generations": 2,
+        "patch_size": 16,
+        "image_size": 16,
+        "crops_per_volume": 1,
+        "val_fraction": 0.5,
+        "network_def#num_channels": 16,
+        "loss_log_interval": 4,
+        "network_def#attention_resolutions": "[]",
+    }
     return _torchrun(root, configs, overrides, dataset_dir=data)
 
 
@@ -151,8 +178,10 @@ def test_segdiff_trained_network_is_ddp_and_every_rank_holds_the_saved_weights(s
     ranks = [torch.load(segdiff_ddp_run / "eval" / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
     for weights in ranks:
         assert weights["train_network_is_ddp"] and not weights["network_is_ddp"]  # the EMA stays a plain module
-        for saved, held in ((last["networks"]["network"], weights["train_network"]),
-                            (last["ema_network"], weights["network"])):
+        for saved, held in (
+            (last["networks"]["network"], weights["train_network"]),
+            (last["ema_network"], weights["network"]),
+        ):
             assert held.keys() == saved.keys()
             for key in saved:
                 torch.testing.assert_close(held[key], saved[key], rtol=0, atol=0)
@@ -165,8 +194,9 @@ def test_segdiff_two_rank_validation_metric_equals_single_process_value(segdiff_
     last = torch.load(segdiff_ddp_run / "models" / "checkpoints" / "last.pt", weights_only=True)
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "methods" / "segdiff.yaml")])
-    parser.update({"bundle_root": str(segdiff_ddp_run), "dataset_dir": str(segdiff_ddp_run / "data"),
-                   **SEGDIFF_OVERRIDES})
+    parser.update(
+        {"bundle_root": str(segdiff_ddp_run), "dataset_dir": str(segdiff_ddp_run / "data"), **SEGDIFF_OVERRIDES}
+    )
     parser["validate#handlers_by_name"] = {}  # no MLflow run or panels for this check
     parser.get_parsed_content("network").load_state_dict(last["ema_network"])
     evaluator = parser.get_parsed_content("validate#evaluator")

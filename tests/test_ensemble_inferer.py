@@ -14,8 +14,15 @@ from bundle.networks.cdal import CDALGenerator
 def _generator(seed=0):
     torch.manual_seed(seed)
     net = CDALGenerator(
-        label_channels=1, num_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-        image_size=16, cond_enc_layers=1, nz=8, z_emb_dim=16,
+        label_channels=1,
+        num_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        image_size=16,
+        cond_enc_layers=1,
+        nz=8,
+        z_emb_dim=16,
     ).eval()
     # the head is zero-initialised (output 0 everywhere): give it weights so samples depend on the noise
     with torch.no_grad():
@@ -53,7 +60,7 @@ def test_batched_generations_equal_sequential_generations():
 def test_image_encoder_runs_once_per_image():
     net, images = _generator(), torch.randn(2, 3, 16, 16)
     calls = []
-    net.encode_image = (lambda f: (lambda x: calls.append(x.shape[0]) or f(x)))(net.encode_image)
+    net.encode_image = (lambda f: lambda x: calls.append(x.shape[0]) or f(x))(net.encode_image)
     _inferer(num_generations=5).ensemble(images, net, _generators(10))
     assert calls == [2]  # one call for the batch of 2 images, not per step or per generation
 

@@ -13,8 +13,16 @@ from bundle.runtime import prepare_network, unwrap_network
 
 def _nets():
     torch.manual_seed(0)
-    gen = CDALGenerator(num_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-                        image_size=16, cond_enc_layers=1, nz=8, z_emb_dim=16)
+    gen = CDALGenerator(
+        num_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        image_size=16,
+        cond_enc_layers=1,
+        nz=8,
+        z_emb_dim=16,
+    )
     disc = CDALDiscriminator(ngf=8, channel_mult=(2, 4))
     return gen, disc
 
@@ -29,11 +37,17 @@ def test_bf16_autocast_and_channels_last_train_steps():
     batch = {"image": torch.randn(4, 3, 16, 16), "label": (torch.rand(4, 1, 16, 16) > 0.5).float() * 2 - 1}
     before = [p.detach().clone() for p in gen.parameters()]
     trainer = SegmentationTrainer(
-        "cpu", 1, [batch, batch], CDALStep(make_cdal_scheduler(4), attention_scale=1, lazy_reg=1),
+        "cpu",
+        1,
+        [batch, batch],
+        CDALStep(make_cdal_scheduler(4), attention_scale=1, lazy_reg=1),
         networks={"generator": gen, "discriminator": disc},
-        optimizers={"generator": torch.optim.Adam(gen.parameters(), 1e-3),
-                    "discriminator": torch.optim.Adam(disc.parameters(), 1e-3)},
-        amp=True, amp_kwargs={"dtype": torch.bfloat16},
+        optimizers={
+            "generator": torch.optim.Adam(gen.parameters(), 1e-3),
+            "discriminator": torch.optim.Adam(disc.parameters(), 1e-3),
+        },
+        amp=True,
+        amp_kwargs={"dtype": torch.bfloat16},
     )
     trainer.run()
     losses = trainer.state.output["losses"]

@@ -3,17 +3,30 @@
 import pytest
 import torch
 
-from bundle.inferers.autocast import autocast_dtype
 from bundle.handlers.checkpoint import AtomicCheckpointSaver
-from bundle.runtime import prepare_network
-from bundle.runtime import as_bool
+from bundle.inferers.autocast import autocast_dtype
+from bundle.runtime import as_bool, prepare_network
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (True, True), (False, False), (None, False), (1, True), (0, False),
-    ("true", True), ("True", True), ("yes", True), ("1", True), ("false", False), ("FALSE", False), ("0", False),
-    ("off", False), ("none", False),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        (False, False),
+        (None, False),
+        (1, True),
+        (0, False),
+        ("true", True),
+        ("True", True),
+        ("yes", True),
+        ("1", True),
+        ("false", False),
+        ("FALSE", False),
+        ("0", False),
+        ("off", False),
+        ("none", False),
+    ],
+)
 def test_switch_values(value, expected):
     assert as_bool(value) is expected
 
@@ -24,12 +37,12 @@ def test_unknown_switch_value_is_refused_with_its_name():
 
 
 def test_string_false_switches_things_off():
-    net = prepare_network(torch.nn.Conv2d(1, 1, 1), "cpu", channels_last="false", distributed="false",
-                          compile="false")
+    net = prepare_network(torch.nn.Conv2d(1, 1, 1), "cpu", channels_last="false", distributed="false", compile="false")
     assert isinstance(net, torch.nn.Conv2d)
     assert autocast_dtype("false") is None and autocast_dtype("true") == torch.bfloat16
-    saver = AtomicCheckpointSaver(save_dir="unused", model=torch.nn.Linear(1, 1), save_dict={}, resume="false",
-                                  overwrite="false")
+    saver = AtomicCheckpointSaver(
+        save_dir="unused", model=torch.nn.Linear(1, 1), save_dict={}, resume="false", overwrite="false"
+    )
     assert saver.resume is False and saver.overwrite is False
 
 

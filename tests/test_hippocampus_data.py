@@ -25,9 +25,9 @@ from bundle.data.hippocampus import (
     read_msd_classes,
     write_synthetic_hippocampus,
 )
-from bundle.transforms.writers import onehot_to_label_map, save_label_volume
 from bundle.metrics.binary import PerImageBinaryMetric
 from bundle.transforms.volume import CheckVolumePaird, VoteArgmaxd
+from bundle.transforms.writers import onehot_to_label_map, save_label_volume
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -86,8 +86,9 @@ def test_bad_label_volumes_are_named(synthetic_msd, tmp_path):
     image = synthetic_msd / "imagesTr" / "hippocampus_001.nii.gz"
     reference = nib.load(image)
     wrong_shape = tmp_path / "short.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros(np.array(reference.shape) - [0, 0, 2], np.uint8), reference.affine),
-             str(wrong_shape))
+    nib.save(
+        nib.Nifti1Image(np.zeros(np.array(reference.shape) - [0, 0, 2], np.uint8), reference.affine), str(wrong_shape)
+    )
     with pytest.raises(DataFormatError, match=r"short\.nii\.gz: label shape .* differs from image .*hippocampus_001"):
         _load_pair({"image": str(image), "label": str(wrong_shape)})
     label = np.asarray(nib.load(synthetic_msd / "labelsTr" / "hippocampus_001.nii.gz").dataobj).copy()

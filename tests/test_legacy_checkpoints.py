@@ -16,10 +16,21 @@ LEGACY = HERE / "data" / "legacy_cdal"
 CONFIGS = HERE.parent / "configs"
 # the settings the legacy pair was trained with (tests/data/legacy_cdal/README.md)
 SETTINGS = {
-    "max_epochs": 1, "epoch_length": 2, "val_interval": 1, "num_generations": 1, "batch_size": 2, "image_size": 32,
-    "patch_size": 32, "network_def#num_channels": 8, "network_def#channel_mult": [1, 1], "network_def#nz": 4,
-    "network_def#z_emb_dim": 8, "network_def#attention_resolutions": [], "network_def#cond_enc_layers": 1,
-    "discriminator_def#ngf": 2, "discriminator_def#channel_mult": [1, 1, 1],
+    "max_epochs": 1,
+    "epoch_length": 2,
+    "val_interval": 1,
+    "num_generations": 1,
+    "batch_size": 2,
+    "image_size": 32,
+    "patch_size": 32,
+    "network_def#num_channels": 8,
+    "network_def#channel_mult": [1, 1],
+    "network_def#nz": 4,
+    "network_def#z_emb_dim": 8,
+    "network_def#attention_resolutions": [],
+    "network_def#cond_enc_layers": 1,
+    "discriminator_def#ngf": 2,
+    "discriminator_def#channel_mult": [1, 1, 1],
 }
 
 
@@ -27,11 +38,20 @@ def _parser(root: Path, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.yaml"))
     data = "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=6, num_test=2, size=64, seed=0)"
-    values = {**SETTINGS, "bundle_root": str(root), "dataset_dir": str(root / "data"), "dataset_root": data,
-              **overrides}
+    values = {
+        **SETTINGS,
+        "bundle_root": str(root),
+        "dataset_dir": str(root / "data"),
+        "dataset_root": data,
+        **overrides,
+    }
     for key, value in values.items():
         parser[key] = value
-    for name in ("train#handlers_by_name#mlflow", "train#handlers_by_name#progress", "validate#handlers_by_name#mlflow"):
+    for name in (
+        "train#handlers_by_name#mlflow",
+        "train#handlers_by_name#progress",
+        "validate#handlers_by_name#mlflow",
+    ):
         parser[f"{name}#_disabled_"] = True
     return parser
 
@@ -45,15 +65,24 @@ def test_legacy_layout_is_converted():
     legacy = torch.load(LEGACY / "last.pt", weights_only=True)
     assert "g_optimizer" in legacy and "networks" not in legacy
     state = upgrade_legacy_state(legacy)
-    assert set(state["networks"]) == set(state["optimizers"]) == set(state["lr_schedulers"]) == {
-        "generator", "discriminator"}
+    assert (
+        set(state["networks"])
+        == set(state["optimizers"])
+        == set(state["lr_schedulers"])
+        == {"generator", "discriminator"}
+    )
     assert state["networks"]["generator"] is legacy["generator"]
     assert state["optimizers"]["discriminator"] is legacy["d_optimizer"]
     assert state["trainer"] == legacy["trainer"] and upgrade_legacy_state(state) == state
     # SegDiff's and the baselines' flat layouts map the same way
     segdiff = upgrade_legacy_state({"network": 1, "ema_network": 2, "optimizer": 3, "ema": 4, "lr_scheduler": None})
-    assert segdiff == {"networks": {"network": 1}, "optimizers": {"network": 3}, "lr_schedulers": {},
-                       "ema_network": 2, "ema": 4}
+    assert segdiff == {
+        "networks": {"network": 1},
+        "optimizers": {"network": 3},
+        "lr_schedulers": {},
+        "ema_network": 2,
+        "ema": 4,
+    }
 
 
 def test_resume_from_a_legacy_checkpoint_continues_it(tmp_path):

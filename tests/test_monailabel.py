@@ -39,8 +39,14 @@ TIMINGS: dict[str, float] = {}
 
 
 # ------------------------------------------------------------------------------------------------ HTTP helpers
-def _request(url: str, method: str = "GET", fields: dict | None = None, files: dict | None = None,
-             body: dict | None = None, timeout: float = 600):
+def _request(
+    url: str,
+    method: str = "GET",
+    fields: dict | None = None,
+    files: dict | None = None,
+    body: dict | None = None,
+    timeout: float = 600,
+):
     """(status, headers, bytes) of a request; multipart form for ``fields``/``files``, JSON for ``body``."""
     data, headers = None, {}
     if fields is not None or files is not None:
@@ -51,7 +57,9 @@ def _request(url: str, method: str = "GET", fields: dict | None = None, files: d
         for name, path in (files or {}).items():
             parts.append(
                 f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{Path(path).name}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n".encode() + Path(path).read_bytes() + b"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n".encode()
+                + Path(path).read_bytes()
+                + b"\r\n"
             )
         data = b"".join(parts) + f"--{boundary}--\r\n".encode()
         headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
@@ -96,16 +104,28 @@ def _timed(name: str, fn):
 @pytest.fixture(scope="module")
 def monailabel_venv() -> Path:
     venv = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "monailabel_env.sh"), str(venv)], capture_output=True,
-                          text=True, timeout=3600)
-    assert proc.returncode == 0, f"building MONAI Label's environment failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "monailabel_env.sh"), str(venv)], capture_output=True, text=True, timeout=3600
+    )
+    assert proc.returncode == 0, (
+        f"building MONAI Label's environment failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     assert (venv / "bin" / "monailabel").exists()
     return venv
 
 
 def _train(root: Path, configs: list[str], overrides: dict) -> Path:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "[" + ",".join(f"'{REPO / 'configs' / c}'" for c in configs) + "]", "--bundle_root", str(root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "[" + ",".join(f"'{REPO / 'configs' / c}'" for c in configs) + "]",
+        "--bundle_root",
+        str(root),
+    ]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
@@ -117,9 +137,22 @@ def _train(root: Path, configs: list[str], overrides: dict) -> Path:
 
 
 def _export(dataset: str, checkpoint: Path, output: Path, *extra: str) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export_monailabel_bundle.py"), "--dataset", dataset,
-                           "--checkpoint", str(checkpoint), "--output", str(output), *extra],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "export_monailabel_bundle.py"),
+            "--dataset",
+            dataset,
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(output),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -129,11 +162,16 @@ def source_files(tmp_path_factory) -> dict:
     shared = REPO.parent / "shared" / "data"
     monuseg, hippo = shared / "monuseg" / "MoNuSegTrainingData", shared / "hippocampus" / "Task04_Hippocampus"
     if monuseg.is_dir() and hippo.is_dir():
-        files = {"real": True, "tile": monuseg / "Tissue_Images" / f"{TILE}.tif",
-                 "tile_mask": monuseg / "Binary_masks" / f"{TILE}.png",
-                 "train": [(monuseg / "Tissue_Images" / f"{t}.tif", monuseg / "Binary_masks" / f"{t}.png")
-                           for t in TRAIN_TILES],
-                 "volume": hippo / "imagesTr" / f"{VOLUME}.nii.gz", "volume_label": hippo / "labelsTr" / f"{VOLUME}.nii.gz"}
+        files = {
+            "real": True,
+            "tile": monuseg / "Tissue_Images" / f"{TILE}.tif",
+            "tile_mask": monuseg / "Binary_masks" / f"{TILE}.png",
+            "train": [
+                (monuseg / "Tissue_Images" / f"{t}.tif", monuseg / "Binary_masks" / f"{t}.png") for t in TRAIN_TILES
+            ],
+            "volume": hippo / "imagesTr" / f"{VOLUME}.nii.gz",
+            "volume_label": hippo / "labelsTr" / f"{VOLUME}.nii.gz",
+        }
     else:  # same formats, written by the bundle's generators (MoNuSeg TIFF + Aperio XML; MSD NIfTI)
         from bundle.data.hippocampus import write_synthetic_hippocampus
         from bundle.data.synthetic import write_synthetic_monuseg
@@ -144,10 +182,17 @@ def source_files(tmp_path_factory) -> dict:
         xmls = {p.stem: p for p in (root / "monuseg").rglob("*.xml")}
         msd = write_synthetic_hippocampus(root / "msd", num_cases=1, seed=5)
         vol = sorted((msd / "imagesTr").glob("*.nii.gz"))[0]
-        files = {"real": False, "tile": tiles[0], "tile_mask": xmls[tiles[0].stem],
-                 "train": [(t, xmls[t.stem]) for t in tiles[1:3]],
-                 "volume": vol, "volume_label": msd / "labelsTr" / vol.name}
-    print(f"MONAI Label test inputs: {'real files from ../shared/data' if files['real'] else 'synthetic (no ../shared/data)'}")
+        files = {
+            "real": False,
+            "tile": tiles[0],
+            "tile_mask": xmls[tiles[0].stem],
+            "train": [(t, xmls[t.stem]) for t in tiles[1:3]],
+            "volume": vol,
+            "volume_label": msd / "labelsTr" / vol.name,
+        }
+    print(
+        f"MONAI Label test inputs: {'real files from ../shared/data' if files['real'] else 'synthetic (no ../shared/data)'}"
+    )
     return files
 
 
@@ -157,21 +202,47 @@ def server(monailabel_venv, source_files, tmp_path_factory):
     # two bundles, trained briefly by the bundle's own training workflow
     m_run, h_run = work / "train_monuseg", work / "train_hippocampus"
     m_run.mkdir(), h_run.mkdir()
-    monuseg_model = _train(m_run, ["train.yaml"], {
-        "dataset_root": "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=8, num_test=2, "
-                        "size=256, seed=0)",
-        "max_epochs": 2, "epoch_length": 20, "val_interval": 2, "num_generations": 2, "val_fraction": 0.25})
+    monuseg_model = _train(
+        m_run,
+        ["train.yaml"],
+        {
+            "dataset_root": "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=8, num_test=2, "
+            "size=256, seed=0)",
+            "max_epochs": 2,
+            "epoch_length": 20,
+            "val_interval": 2,
+            "num_generations": 2,
+            "val_fraction": 0.25,
+        },
+    )
     from bundle.data.hippocampus import write_synthetic_hippocampus
 
     msd = write_synthetic_hippocampus(work / "msd_train" / "Task04_Hippocampus", num_cases=8, seed=1)
-    hippo_model = _train(h_run, ["train.yaml", "methods/cdal.yaml", "datasets/hippocampus.yaml"], {
-        "dataset_dir": msd, "max_epochs": 1, "epoch_length": 4, "val_interval": 1, "num_generations": 2,
-        "crops_per_volume": 1, "val_fraction": 0.2})
+    hippo_model = _train(
+        h_run,
+        ["train.yaml", "methods/cdal.yaml", "datasets/hippocampus.yaml"],
+        {
+            "dataset_dir": msd,
+            "max_epochs": 1,
+            "epoch_length": 4,
+            "val_interval": 1,
+            "num_generations": 2,
+            "crops_per_volume": 1,
+            "val_fraction": 0.2,
+        },
+    )
     bundles = work / "bundles"
     _export("synthetic", monuseg_model, bundles / "monuseg_cdal")
     # a smaller default ensemble for the volume (slice-wise inference is the slow request on 2 CPU cores)
-    _export("hippocampus", hippo_model, bundles / "hippocampus_cdal", "--dataset_dir", str(msd),
-            "--set", "num_generations=2")
+    _export(
+        "hippocampus",
+        hippo_model,
+        bundles / "hippocampus_cdal",
+        "--dataset_dir",
+        str(msd),
+        "--set",
+        "num_generations=2",
+    )
 
     studies = work / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
@@ -183,13 +254,33 @@ def server(monailabel_venv, source_files, tmp_path_factory):
     shutil.copy(source_files["volume"], studies / f"{VOLUME}.nii.gz")
 
     port = _free_port()
-    env = {**os.environ, "PATH": f"{monailabel_venv / 'bin'}:{os.environ['PATH']}", "OMP_NUM_THREADS": "2",
-           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "PATH": f"{monailabel_venv / 'bin'}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "2",
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
     env.pop("PYTHONPATH", None)
     log = open(work / "server.log", "w")
-    cmd = ["monailabel", "start_server", "--app", str(REPO / "apps" / "monailabel"), "--studies", str(studies),
-           "--conf", "bundles", str(bundles), "--conf", "zoo_source", "github", "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [
+        "monailabel",
+        "start_server",
+        "--app",
+        str(REPO / "apps" / "monailabel"),
+        "--studies",
+        str(studies),
+        "--conf",
+        "bundles",
+        str(bundles),
+        "--conf",
+        "zoo_source",
+        "github",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -214,8 +305,9 @@ def server(monailabel_venv, source_files, tmp_path_factory):
             os.killpg(proc.pid, 9)
         log.close()
         if os.environ.get("MONAILABEL_TIMINGS"):
-            Path(os.environ["MONAILABEL_TIMINGS"]).write_text(json.dumps(
-                {"inputs": "real" if source_files["real"] else "synthetic", **TIMINGS}, indent=2))
+            Path(os.environ["MONAILABEL_TIMINGS"]).write_text(
+                json.dumps({"inputs": "real" if source_files["real"] else "synthetic", **TIMINGS}, indent=2)
+            )
 
 
 # ------------------------------------------------------------------------------------------------------ tests
@@ -274,8 +366,9 @@ def test_tile_inference_returns_a_binary_label_and_stores_the_uncertainty(server
     from PIL import Image
 
     url = f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=all"
-    status, headers, body = _timed("infer_tile_N3", lambda: _request(url, "POST",
-                                                                      fields={"params": json.dumps({"num_generations": 3})}))
+    status, headers, body = _timed(
+        "infer_tile_N3", lambda: _request(url, "POST", fields={"params": json.dumps({"num_generations": 3})})
+    )
     assert status == 200, body[:500]
     parts = _multipart(headers, body)
     params = json.loads(parts["params"])
@@ -297,8 +390,9 @@ def test_tile_inference_returns_a_binary_label_and_stores_the_uncertainty(server
     assert stored.shape == (height, width) and stored.dtype == np.float32
     assert stored.min() >= 0 and abs(float(stored.mean()) - u["mean"]) < 1e-5
     # the ensemble size changes the result's spread, and the default (5) is used when the request says nothing
-    status, _, body5 = _timed("infer_tile_N5", lambda: _request(
-        f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json", "POST"))
+    status, _, body5 = _timed(
+        "infer_tile_N5", lambda: _request(f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json", "POST")
+    )
     assert status == 200 and json.loads(body5)["num_generations"] == 5
     if server["real"]:
         truth = np.array(Image.open(server["tile_mask"])) > 0
@@ -366,9 +460,14 @@ def test_a_short_training_request_completes_and_updates_the_served_model(server)
 
     bundle = server["bundles"] / "monuseg_cdal"
     before = (bundle / "models" / "model.pt").stat().st_mtime
-    status, _, body = _timed("train_1_epoch", lambda: _request(
-        f"{server['url']}/train/monuseg_cdal?run_sync=true", "POST",
-        body={"max_epochs": 1, "device": "cpu", "val_split": 0.5}))
+    status, _, body = _timed(
+        "train_1_epoch",
+        lambda: _request(
+            f"{server['url']}/train/monuseg_cdal?run_sync=true",
+            "POST",
+            body={"max_epochs": 1, "device": "cpu", "val_split": 0.5},
+        ),
+    )
     assert status == 200, body[:500]
     log = server["log"].read_text()
     assert "Total Records for Training: 1" in log and "Total Records for Validation: 1" in log
@@ -382,6 +481,9 @@ def test_a_short_training_request_completes_and_updates_the_served_model(server)
     assert losses == [(10,)]  # the 10 iterations of the epoch ran (one training tile: one batch of 1 per pass)
     TIMINGS["train_val_dice"] = round(dice[0][0], 4)
     # the server serves the refined model at once
-    status, _, body = _request(f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json", "POST",
-                               fields={"params": json.dumps({"num_generations": 2})})
+    status, _, body = _request(
+        f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json",
+        "POST",
+        fields={"params": json.dumps({"num_generations": 2})},
+    )
     assert status == 200, body[:500]

@@ -14,7 +14,9 @@ import yaml
 from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("export_monailabel_bundle", REPO / "scripts" / "export_monailabel_bundle.py")
+spec = importlib.util.spec_from_file_location(
+    "export_monailabel_bundle", REPO / "scripts" / "export_monailabel_bundle.py"
+)
 export_module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(export_module)
 
@@ -84,7 +86,10 @@ def test_hippocampus_export_is_3d_and_takes_the_trained_network_settings(tmp_pat
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["*", "*", "*"]
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
-        "0": "background", "1": "anterior", "2": "posterior"}
+        "0": "background",
+        "1": "anterior",
+        "2": "posterior",
+    }
     infer = yaml.safe_load((out / "configs" / "inference.yaml").read_text())
     assert infer["network_def"]["num_channels"] == 16 and infer["label_channels"] == 3 and infer["slice_axis"] == 2
 
@@ -102,7 +107,9 @@ def test_every_method_exports_from_its_training_checkpoint(tmp_path, method):
         ema = {k: v + 1 for k, v in trained.items()}
         checkpoint["ema_network"] = ema
     torch.save(checkpoint, tmp_path / "last.pt")
-    out = export_module.export("cxr", tmp_path / "last.pt", tmp_path / method, method_configs=[f"methods/{method}.yaml"])
+    out = export_module.export(
+        "cxr", tmp_path / "last.pt", tmp_path / method, method_configs=[f"methods/{method}.yaml"]
+    )
     saved = torch.load(out / "models" / "model.pt", weights_only=True)
     expected = ema if ema is not None else trained
     assert all(torch.equal(saved[k], expected[k]) for k in expected)

@@ -63,8 +63,7 @@ def test_fill_rule_on_small_polygons():
 
 def test_read_aperio_xml_and_skipped_regions(tmp_path):
     path = write_xml(
-        tmp_path / "a.xml",
-        region(("1", "1"), ("5.5", "1"), ("5.5", "4")) + region(("2", "2"), ("3", "3")),
+        tmp_path / "a.xml", region(("1", "1"), ("5.5", "1"), ("5.5", "4")) + region(("2", "2"), ("3", "3"))
     )
     with pytest.warns(UserWarning, match="fewer than 3 vertices"):
         polygons = read_aperio_xml(path)

@@ -15,7 +15,6 @@ from bundle.inferers.samplers import LatentSampler
 from bundle.losses.mose import GammaPlateauSchedule, MoSEOptimalTransportLoss, greedy_coupling, soft_iou_cost
 from bundle.networks.mose import MixtureOfStochasticExperts
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread
 
 
@@ -64,8 +63,12 @@ def test_soft_iou_cost_and_loss_gradients():
     terms = MoSEOptimalTransportLoss(beta=1.0, gamma=0.5)(drawn["probabilities"], drawn["weights"], annotations)
     terms["loss"].backward()
     assert math.isfinite(float(terms["loss"].detach()))
-    for name, param in (("gating", net.gating[0].weight), ("mu", net.mu), ("log_sigma", net.log_sigma),
-                        ("injector", net.injector.residual.weight)):
+    for name, param in (
+        ("gating", net.gating[0].weight),
+        ("mu", net.mu),
+        ("log_sigma", net.log_sigma),
+        ("injector", net.injector.residual.weight),
+    ):
         assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
 
 
@@ -106,8 +109,9 @@ def test_sampled_experts_follow_the_gating_weights():
     original = net.foreground_probability
     net.foreground_probability = lambda d, z: (chosen.append(z[:, 0].clone()), original(d, z))[1]
     with torch.no_grad():
-        net.sample_rows((pi.expand(rows, -1), dense.expand(rows, -1, -1, -1)), generators,
-                        torch.arange(rows), rows, mode="sampled")
+        net.sample_rows(
+            (pi.expand(rows, -1), dense.expand(rows, -1, -1, -1)), generators, torch.arange(rows), rows, mode="sampled"
+        )
     z = torch.cat(chosen)[:, 0]
     experts = (z[:, None] - net.mu[:, 0][None]).abs().argmin(1)
     frequency = torch.bincount(experts, minlength=4).float() / rows
@@ -140,9 +144,16 @@ def test_short_training_reduces_the_loss():
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     loss_fn = MoSEOptimalTransportLoss(beta=1.0, gamma=0.5)
     schedule = GammaPlateauSchedule(loss_fn, values=[1.0], patience=10)
-    trainer = SegmentationTrainer(device="cpu", max_epochs=30, train_data_loader=batches, epoch_length=3,
-                                  step=MoSEStep(loss_fn, samples_per_expert=2), networks={"network": net},
-                                  optimizers={"network": optimizer}, train_handlers=[schedule])
+    trainer = SegmentationTrainer(
+        device="cpu",
+        max_epochs=30,
+        train_data_loader=batches,
+        epoch_length=3,
+        step=MoSEStep(loss_fn, samples_per_expert=2),
+        networks={"network": net},
+        optimizers={"network": optimizer},
+        train_handlers=[schedule],
+    )
     seg: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seg.append(e.state.output["losses"]["loss_seg"]))
     trainer.run()

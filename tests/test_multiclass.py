@@ -22,8 +22,16 @@ CLASSES = 3
 def _generator(seed: int = 0) -> CDALGenerator:
     torch.manual_seed(seed)
     net = CDALGenerator(
-        label_channels=CLASSES, image_channels=1, num_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(), image_size=16, cond_enc_layers=1, nz=8, z_emb_dim=16,
+        label_channels=CLASSES,
+        image_channels=1,
+        num_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        image_size=16,
+        cond_enc_layers=1,
+        nz=8,
+        z_emb_dim=16,
     )
     with torch.no_grad():  # the zero-initialised head would make every sample identical
         net.head_conv.weight.normal_(0, 0.05)
@@ -54,11 +62,15 @@ def test_cdal_trainer_learns_step_on_slices_of_three_class_crops():
     before_g = [p.detach().clone() for p in generator.parameters()]
     before_d = [p.detach().clone() for p in discriminator.parameters()]
     trainer = SegmentationTrainer(
-        device="cpu", max_epochs=1, train_data_loader=batches,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=batches,
         step=CDALStep(make_cdal_scheduler(2), attention_scale=2, lazy_reg=1),
         networks={"generator": generator, "discriminator": discriminator},
-        optimizers={"generator": torch.optim.Adam(generator.parameters(), 1e-3),
-                    "discriminator": torch.optim.Adam(discriminator.parameters(), 1e-3)},
+        optimizers={
+            "generator": torch.optim.Adam(generator.parameters(), 1e-3),
+            "discriminator": torch.optim.Adam(discriminator.parameters(), 1e-3),
+        },
         prepare_batch=prepare_slice_batch,
     )
     trainer.run()
@@ -72,8 +84,9 @@ def test_cdal_trainer_learns_step_on_slices_of_three_class_crops():
 
 def test_ensemble_inferer_returns_every_class_channel():
     net = _generator().eval()
-    inferer = EnsembleInferer(DiffusionSampler(make_cdal_scheduler(2)), num_generations=3,
-                              outputs=("mean", "uncertainty", "samples"), seed=0)
+    inferer = EnsembleInferer(
+        DiffusionSampler(make_cdal_scheduler(2)), num_generations=3, outputs=("mean", "uncertainty", "samples"), seed=0
+    )
     out = inferer(torch.randn(2, 1, 16, 16), net)
     assert out["mean"].shape == (2, CLASSES, 16, 16) and out["uncertainty"].shape == (2, CLASSES, 16, 16)
     assert out["samples"].shape == (2, 3 * CLASSES, 16, 16)
@@ -87,15 +100,30 @@ def test_slice_inferer_reassembles_per_slice_ensembles_exactly():
     net = _generator().eval()
     volume = torch.randn(1, 1, 16, 16, 3)
     sampler = DiffusionSampler(make_cdal_scheduler(2))
-    sliced = EnsembleInferer(sampler, num_generations=2, outputs="mean", roi_size=(16, 16), overlap=0.0,
-                             sw_batch_size=3, slice_axis=2, seed=5)(volume, net)
+    sliced = EnsembleInferer(
+        sampler,
+        num_generations=2,
+        outputs="mean",
+        roi_size=(16, 16),
+        overlap=0.0,
+        sw_batch_size=3,
+        slice_axis=2,
+        seed=5,
+    )(volume, net)
     assert sliced.shape == (1, CLASSES, 16, 16, 3)
     reference = EnsembleInferer(sampler, num_generations=2, outputs="mean", seed=5)
     per_slice = reference(volumes_to_slices(volume), net)  # the same seeded stream, slices in window order
     torch.testing.assert_close(torch.as_tensor(sliced), slices_to_volumes(per_slice, 3), atol=1e-5, rtol=1e-5)
     # a volume larger than the window is tiled in-plane and keeps its size
-    wide = EnsembleInferer(sampler, num_generations=1, outputs=("mean", "uncertainty"), roi_size=(16, 16),
-                           overlap=0.5, slice_axis=2, seed=1)(torch.randn(1, 1, 20, 16, 2), net)
+    wide = EnsembleInferer(
+        sampler,
+        num_generations=1,
+        outputs=("mean", "uncertainty"),
+        roi_size=(16, 16),
+        overlap=0.5,
+        slice_axis=2,
+        seed=1,
+    )(torch.randn(1, 1, 20, 16, 2), net)
     assert wide["mean"].shape == (1, CLASSES, 20, 16, 2) and wide["uncertainty"].shape == (1, CLASSES, 20, 16, 2)
     # a 2-D inferer refuses a volume rather than guessing how to cut it
     with pytest.raises(ValueError, match="slice_axis"):
@@ -116,8 +144,15 @@ def test_every_kind_of_network_is_inferred_slice_wise():
         (MixtureOfStochasticExperts(1, CLASSES, num_channels=(4, 8), num_experts=2), LatentSampler()),
     ]
     for net, sampler in cases:
-        out = EnsembleInferer(sampler, num_generations=2, outputs=("mean", "uncertainty", "samples"),
-                              roi_size=(16, 16), overlap=0.5, slice_axis=2, seed=0)(volume, net.eval())
+        out = EnsembleInferer(
+            sampler,
+            num_generations=2,
+            outputs=("mean", "uncertainty", "samples"),
+            roi_size=(16, 16),
+            overlap=0.5,
+            slice_axis=2,
+            seed=0,
+        )(volume, net.eval())
         name = type(net).__name__
         assert out["mean"].shape == (1, CLASSES, 20, 16, 3), name
         assert out["samples"].shape == (1, 2 * CLASSES, 20, 16, 3), name
@@ -152,21 +187,37 @@ def test_segdiff_trains_and_samples_three_class_slices():
     from bundle.networks.segdiff import SegDiffNetwork
 
     torch.manual_seed(0)
-    net = SegDiffNetwork(label_channels=CLASSES, image_channels=1, num_channels=16, channel_mult=(1, 2),
-                         num_res_blocks=1, attention_resolutions=(), image_size=16, rrdb_blocks=1, rrdb_features=8,
-                         rrdb_growth=8, norm_num_groups=8)
+    net = SegDiffNetwork(
+        label_channels=CLASSES,
+        image_channels=1,
+        num_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        image_size=16,
+        rrdb_blocks=1,
+        rrdb_features=8,
+        rrdb_growth=8,
+        norm_num_groups=8,
+    )
     scheduler = make_segdiff_scheduler(num_timesteps=50)
     labels = _onehot_volume(shape=(1, 16, 16, 4))
     batches = [{"image": labels[:, 1:2] + 0.1 * torch.randn(1, 1, 16, 16, 4), "label": labels}]
     before = [p.detach().clone() for p in net.parameters()]
-    trainer = SegmentationTrainer(device="cpu", max_epochs=1, train_data_loader=batches, step=DenoisingStep(scheduler),
-                                  networks={"network": net},
-                                  optimizers={"network": torch.optim.AdamW(net.parameters(), 1e-3)},
-                                  prepare_batch=prepare_slice_batch)
+    trainer = SegmentationTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=batches,
+        step=DenoisingStep(scheduler),
+        networks={"network": net},
+        optimizers={"network": torch.optim.AdamW(net.parameters(), 1e-3)},
+        prepare_batch=prepare_slice_batch,
+    )
     trainer.run()
     assert trainer.state.output["label"].shape == (4, CLASSES, 16, 16) and torch.isfinite(trainer.state.output["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    inferer = EnsembleInferer(make_sampler(scheduler, "ddim", num_steps=2), num_generations=2,
-                              outputs=("mean", "uncertainty"), seed=0)
+    inferer = EnsembleInferer(
+        make_sampler(scheduler, "ddim", num_steps=2), num_generations=2, outputs=("mean", "uncertainty"), seed=0
+    )
     out = inferer(torch.randn(2, 1, 16, 16), net.eval())
     assert out["mean"].shape == (2, CLASSES, 16, 16) and 0 <= float(out["mean"].min()) <= float(out["mean"].max()) <= 1

@@ -12,14 +12,14 @@ from bundle.inferers.ensemble import EnsembleInferer
 from bundle.inferers.samplers import LatentSampler
 from bundle.networks.prob_unet import ProbabilisticUNet
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread
 
 
 def small_net(seed: int = 0) -> ProbabilisticUNet:
     torch.manual_seed(seed)
-    return ProbabilisticUNet(image_channels=1, label_channels=1, num_channels=(8, 16), latent_dim=3,
-                             num_fcomb_layers=2, convs_per_block=2)
+    return ProbabilisticUNet(
+        image_channels=1, label_channels=1, num_channels=(8, 16), latent_dim=3, num_fcomb_layers=2, convs_per_block=2
+    )
 
 
 def toy_batch(batch: int = 4, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +82,15 @@ def test_short_training_reduces_the_loss():
         b["label"] = b["label"] * 2 - 1  # the bundle's {-1, 1} labels
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses: list[float] = []
-    trainer = SegmentationTrainer(device="cpu", max_epochs=20, train_data_loader=batches, epoch_length=4,
-                                  step=ProbUNetStep(beta=1.0), networks={"network": net},
-                                  optimizers={"network": optimizer})
+    trainer = SegmentationTrainer(
+        device="cpu",
+        max_epochs=20,
+        train_data_loader=batches,
+        epoch_length=4,
+        step=ProbUNetStep(beta=1.0),
+        networks={"network": net},
+        optimizers={"network": optimizer},
+    )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["losses"]["loss_rec"]))
     trainer.run()
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4

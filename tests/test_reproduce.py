@@ -49,15 +49,31 @@ def results(tmp_path_factory) -> Path:
     common = {"dataset_dir": str(data), "tracking_uri": tracking, **TINY}
     for fold in (0, 1):
         trained = results / "cdal" / "cxr" / f"fold{fold}"
-        bundle_run(run_id="training", config_file=_configs("train.yaml", "methods/cdal.yaml", "datasets/cxr.yaml"),
-                   bundle_root=str(trained), fold=fold, max_epochs=2, epoch_length=3, val_interval=2, lr_g=1.0e-3,
-                   num_generations=1, **common)
+        bundle_run(
+            run_id="training",
+            config_file=_configs("train.yaml", "methods/cdal.yaml", "datasets/cxr.yaml"),
+            bundle_root=str(trained),
+            fold=fold,
+            max_epochs=2,
+            epoch_length=3,
+            val_interval=2,
+            lr_g=1.0e-3,
+            num_generations=1,
+            **common,
+        )
         for method, generations in (("cdal", 3), ("cdal_n1", 1)):
             root = results / method / "cxr" / f"fold{fold}"
-            bundle_run(run_id="evaluating",
-                       config_file=_configs("train.yaml", "evaluate.yaml", "methods/cdal.yaml", "datasets/cxr.yaml"),
-                       bundle_root=str(root), fold=fold, eval_subset="test", eval_dir=str(root / "evaluation"),
-                       checkpoint=str(trained / "models" / "model.pt"), num_generations=generations, **common)
+            bundle_run(
+                run_id="evaluating",
+                config_file=_configs("train.yaml", "evaluate.yaml", "methods/cdal.yaml", "datasets/cxr.yaml"),
+                bundle_root=str(root),
+                fold=fold,
+                eval_subset="test",
+                eval_dir=str(root / "evaluation"),
+                checkpoint=str(trained / "models" / "model.pt"),
+                num_generations=generations,
+                **common,
+            )
     return results
 
 
@@ -67,8 +83,22 @@ def _column(path: Path, name: str) -> dict[str, float]:
 
 
 def test_reproduce_writes_three_formats_with_the_t_test(results, capsys):
-    printed = _reproduce(["--methods", "cdal", "cdal_n1", "--dataset", "cxr", "--folds", "0", "1", "--results",
-                          str(results), "--tabulate_only"], capsys)
+    printed = _reproduce(
+        [
+            "--methods",
+            "cdal",
+            "cdal_n1",
+            "--dataset",
+            "cxr",
+            "--folds",
+            "0",
+            "1",
+            "--results",
+            str(results),
+            "--tabulate_only",
+        ],
+        capsys,
+    )
     assert "reading the finished run" in printed and "| Method | Dice |" in printed
     out = results / "tables" / "cxr_cdal_vs_cdal_n1"
     markdown, latex = (out / "table.md").read_text(), (out / "table.tex").read_text()
@@ -117,9 +147,27 @@ def test_fold_pairing_and_mismatched_runs(results):
 
 
 def test_dry_run_composes_the_bundle_commands(tmp_path, capsys):
-    printed = _reproduce(["--methods", "cdal", "--dataset", "hippocampus", "--folds", "2", "--results", str(tmp_path),
-                          "--paper", "--dataset_dir", "/data/Task04", "--dry_run", "--set", "max_epochs=5",
-                          "--eval_set", "num_generations=5"], capsys)
+    printed = _reproduce(
+        [
+            "--methods",
+            "cdal",
+            "--dataset",
+            "hippocampus",
+            "--folds",
+            "2",
+            "--results",
+            str(tmp_path),
+            "--paper",
+            "--dataset_dir",
+            "/data/Task04",
+            "--dry_run",
+            "--set",
+            "max_epochs=5",
+            "--eval_set",
+            "num_generations=5",
+        ],
+        capsys,
+    )
     train, evaluate = [line for line in printed.splitlines() if line.startswith("$ ")]
     assert "run training" in train and "evaluate.yaml" not in train and "--fold 2" in train
     order = ["train.yaml", "methods/cdal.yaml", "datasets/hippocampus.yaml", "paper/cdal_hippocampus.yaml"]

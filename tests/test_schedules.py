@@ -72,7 +72,9 @@ def test_reverse_step_is_monais_step_for_one_index_and_per_sample_indices():
     noise = torch.randn(x0_hat.shape, generator=torch.Generator().manual_seed(9))
     per_sample = ForwardDiffusion(scheduler).posterior_sample(x0_hat, x, index, noise)
     for r, i in enumerate(index.tolist()):
-        torch.testing.assert_close(per_sample[r : r + 1], step(x0_hat[r : r + 1], i, i - 1, x[r : r + 1], noise[r : r + 1]))
+        torch.testing.assert_close(
+            per_sample[r : r + 1], step(x0_hat[r : r + 1], i, i - 1, x[r : r + 1], noise[r : r + 1])
+        )
     torch.testing.assert_close(per_sample[1], x0_hat[1], atol=1e-6, rtol=0)  # index 0: the prediction itself
     with pytest.raises(ValueError, match="needs noise"):
         step(x0_hat, 2, 1, x, None)

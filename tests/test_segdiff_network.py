@@ -6,8 +6,16 @@ import torch
 from bundle.networks.rrdb import RRDBEncoder
 from bundle.networks.segdiff import SegDiffNetwork
 
-SMALL = dict(num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), image_size=16,
-             rrdb_blocks=1, rrdb_features=8, rrdb_growth=4)
+SMALL = dict(
+    num_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    image_size=16,
+    rrdb_blocks=1,
+    rrdb_features=8,
+    rrdb_growth=4,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread

@@ -13,15 +13,21 @@ from bundle.diffusion.steps import ReverseStep, spaced_timesteps
 from bundle.inferers.ensemble import EnsembleInferer
 from bundle.networks.segdiff import SegDiffNetwork
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest on one thread
 
 
 def _network(conditioning="sum", seed=0):
     torch.manual_seed(seed)
     net = SegDiffNetwork(
-        num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), image_size=16,
-        rrdb_blocks=1, rrdb_features=8, rrdb_growth=4, conditioning=conditioning,
+        num_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        image_size=16,
+        rrdb_blocks=1,
+        rrdb_features=8,
+        rrdb_growth=4,
+        conditioning=conditioning,
     ).eval()
     with torch.no_grad():  # the output conv is zero-initialised: give it weights so eps depends on the inputs
         net.unet.out[2].conv.weight.normal_(0, 0.05)
@@ -58,7 +64,9 @@ def test_ddpm_step_equals_hand_computation_and_monai():
     abar = math.prod(1 - b for b in betas[: i + 1])
     abar_prev = abar / (1 - betas[i])
     x0 = (0.3 - math.sqrt(1 - abar) * -0.5) / math.sqrt(abar)
-    mean = math.sqrt(abar_prev) * betas[i] / (1 - abar) * x0 + math.sqrt(1 - betas[i]) * (1 - abar_prev) / (1 - abar) * 0.3
+    mean = (
+        math.sqrt(abar_prev) * betas[i] / (1 - abar) * x0 + math.sqrt(1 - betas[i]) * (1 - abar_prev) / (1 - abar) * 0.3
+    )
     expected = mean + math.sqrt(betas[i]) * noise  # fixed-large variance: sigma^2 = beta_t
     out = sampler(eps, i, i - 1, x_t, noise)
     torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-5)
@@ -125,8 +133,11 @@ def test_cached_batched_sampling_equals_uncached_sequential_sampling(method):
 def test_ensemble_inferer_runs_segdiff_unchanged():
     net = _network()
     inferer = EnsembleInferer(
-        make_sampler(make_segdiff_scheduler(25), "ddim", num_steps=3), num_generations=2,
-        outputs=("mean", "uncertainty"), roi_size=(16, 16), seed=0,
+        make_sampler(make_segdiff_scheduler(25), "ddim", num_steps=3),
+        num_generations=2,
+        outputs=("mean", "uncertainty"),
+        roi_size=(16, 16),
+        seed=0,
     )
     out = inferer(torch.randn(1, 3, 32, 32), net)
     assert out["mean"].shape == (1, 1, 32, 32) and 0 <= out["mean"].min() and out["mean"].max() <= 1

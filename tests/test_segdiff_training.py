@@ -22,8 +22,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest 
 
 def _tiny():
     torch.manual_seed(0)
-    return SegDiffNetwork(num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                          image_size=16, rrdb_blocks=1, rrdb_features=8, rrdb_growth=4)
+    return SegDiffNetwork(
+        num_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        image_size=16,
+        rrdb_blocks=1,
+        rrdb_features=8,
+        rrdb_growth=4,
+    )
 
 
 def test_eps_loss_is_the_per_sample_sum_averaged_over_the_batch():
@@ -36,8 +44,13 @@ def test_eps_loss_is_the_per_sample_sum_averaged_over_the_batch():
 
 def _trainer(net, data, optimizer, ema=None):
     return SegmentationTrainer(
-        device="cpu", max_epochs=1, train_data_loader=data, step=DenoisingStep(make_segdiff_scheduler(100)),
-        networks={"network": net}, optimizers={"network": optimizer}, train_handlers=[ema] if ema else None,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=data,
+        step=DenoisingStep(make_segdiff_scheduler(100)),
+        networks={"network": net},
+        optimizers={"network": optimizer},
+        train_handlers=[ema] if ema else None,
     )
 
 
@@ -154,17 +167,29 @@ def test_single_process_training_saves_plain_state_dicts_and_resumes(tmp_path):
     """train.yaml + segdiff.yaml in one process: the EMA network is validated and saved as model.pt, last.pt holds
     both networks and the EMA count, and a resumed run continues them."""
     small = {
-        "bundle_root": str(tmp_path), "dataset_dir": str(tmp_path / "data"), "val_fraction": 0.25,
+        "bundle_root": str(tmp_path),
+        "dataset_dir": str(tmp_path / "data"),
+        "val_fraction": 0.25,
         "dataset_root": "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=8, num_test=1,"
-                        " size=128, seed=0)",
-        "image_size": 64, "batch_size": 2, "epoch_length": 2, "max_epochs": 2, "val_interval": 2,
-        "num_generations": 1, "sampling_steps": 2,
+        " size=128, seed=0)",
+        "image_size": 64,
+        "batch_size": 2,
+        "epoch_length": 2,
+        "max_epochs": 2,
+        "val_interval": 2,
+        "num_generations": 1,
+        "sampling_steps": 2,
     }
 
     def run(**overrides):
         parser = _parse(["train.yaml", "methods/segdiff.yaml"], **{**small, **overrides})
-        for name in ("train#handlers_by_name#mlflow", "train#handlers_by_name#stats", "train#handlers_by_name#progress",
-                     "validate#handlers_by_name#mlflow", "validate#handlers_by_name#panels"):
+        for name in (
+            "train#handlers_by_name#mlflow",
+            "train#handlers_by_name#stats",
+            "train#handlers_by_name#progress",
+            "validate#handlers_by_name#mlflow",
+            "validate#handlers_by_name#panels",
+        ):
             parser[f"{name}#_disabled_"] = True  # switched off by name: validation and checkpoints only
         parser.get_parsed_content("training")
         return parser

@@ -35,12 +35,17 @@ def small_root(tmp_path_factory) -> Path:
 def test_layout_and_formats(small_root):
     files = all_files(small_root)
     assert sorted(files) == [
-        "MoNuSegTestData/synth_test_000.tif", "MoNuSegTestData/synth_test_000.xml",
-        "MoNuSegTestData/synth_test_001.tif", "MoNuSegTestData/synth_test_001.xml",
-        "MoNuSegTrainingData/Annotations/synth_000.xml", "MoNuSegTrainingData/Annotations/synth_001.xml",
+        "MoNuSegTestData/synth_test_000.tif",
+        "MoNuSegTestData/synth_test_000.xml",
+        "MoNuSegTestData/synth_test_001.tif",
+        "MoNuSegTestData/synth_test_001.xml",
+        "MoNuSegTrainingData/Annotations/synth_000.xml",
+        "MoNuSegTrainingData/Annotations/synth_001.xml",
         "MoNuSegTrainingData/Annotations/synth_002.xml",
-        "MoNuSegTrainingData/Tissue_Images/synth_000.tif", "MoNuSegTrainingData/Tissue_Images/synth_001.tif",
-        "MoNuSegTrainingData/Tissue_Images/synth_002.tif", MANIFEST_NAME,
+        "MoNuSegTrainingData/Tissue_Images/synth_000.tif",
+        "MoNuSegTrainingData/Tissue_Images/synth_001.tif",
+        "MoNuSegTrainingData/Tissue_Images/synth_002.tif",
+        MANIFEST_NAME,
     ]
     manifest = json.loads(files[MANIFEST_NAME])
     assert manifest["seed"] == 1 and manifest["num_train"] == 3 and manifest["size"] == 96 and "version" in manifest

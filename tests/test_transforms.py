@@ -152,8 +152,9 @@ def test_color_jitter_range_seeding_and_factors():
 
 
 def test_isotropic_affine_draws_one_zoom():
-    affine = RandIsotropicAffined(keys=["image", "label"], rotate_degrees=22, zoom_range=(0.75, 1.25),
-                                  mode=("bilinear", "nearest"))
+    affine = RandIsotropicAffined(
+        keys=["image", "label"], rotate_degrees=22, zoom_range=(0.75, 1.25), mode=("bilinear", "nearest")
+    )
     affine.set_random_state(0)
     label = (torch.rand(1, 32, 32) > 0.5).float()
     for _ in range(5):

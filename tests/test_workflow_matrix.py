@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from workflow_matrix import DATASETS, METHODS, run_cell, write_tiny_data
 
 pytestmark = pytest.mark.matrix
@@ -149,8 +148,15 @@ def test_distribution_evaluation_of_the_lidc_models(matrix):
     """evaluate_distribution.yaml on the matrix's LIDC models: MoSE (weighted form) and the U-Net."""
     for method, extra in (("mose", {"mose_eval_mode": "weighted"}), ("unet", {})):
         cell = matrix["root"] / f"{method}_lidc"
-        run_cell("evaluating", method, "lidc", cell, matrix["data"]["lidc"],
-                 extra={**extra, "eval_subset": "validation"}, workflow_files=("evaluate_distribution.yaml",))
+        run_cell(
+            "evaluating",
+            method,
+            "lidc",
+            cell,
+            matrix["data"]["lidc"],
+            extra={**extra, "eval_subset": "validation"},
+            workflow_files=("evaluate_distribution.yaml",),
+        )
         report = json.loads((cell / "eval" / "evaluation_lidc_validation" / "distribution_metrics.json").read_text())
         assert report["settings"]["num_generations"] == 100
         metrics = report["metrics"]

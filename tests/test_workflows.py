@@ -25,19 +25,39 @@ from bundle.transforms.io import LoadInstanceMaskd, LoadTiled
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SMALL_DATA = (
-    "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=12, num_test=3, size=256, seed=0)"
-)
+SMALL_DATA = "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=12, num_test=3, size=256, seed=0)"
 SHORT = [
-    "--dataset_root", SMALL_DATA, "--epoch_length", "8", "--max_epochs", "2", "--val_interval", "1",
-    "--num_generations", "3", "--batch_size", "6",
+    "--dataset_root",
+    SMALL_DATA,
+    "--epoch_length",
+    "8",
+    "--max_epochs",
+    "2",
+    "--val_interval",
+    "1",
+    "--num_generations",
+    "3",
+    "--batch_size",
+    "6",
 ]
 
 
 def run_bundle(run_id: str, configs: list[str], root: Path, *args: str, check: bool = True):
     files = "[" + ",".join(f"'{CONFIGS / c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, "--bundle_root", str(root),
-           "--dataset_dir", str(root.parent / "data"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        files,
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(root.parent / "data"),
+        *args,
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
@@ -87,15 +107,23 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained):
     run_id, name, status, artifact_uri = runs[0]
     assert name.startswith("cdal_synthetic_") and status == "FINISHED"
     params = dict(_mlflow_rows(trained, f"select key, value from params where run_uuid = '{run_id}'"))
-    for key, value in {"method": "cdal", "dataset": "synthetic", "num_timesteps": "4", "num_generations": "3",
-                       "batch_size": "6", "seed": "1024", "image_size": "128", "lr_g": "0.0002"}.items():
+    for key, value in {
+        "method": "cdal",
+        "dataset": "synthetic",
+        "num_timesteps": "4",
+        "num_generations": "3",
+        "batch_size": "6",
+        "seed": "1024",
+        "image_size": "128",
+        "lr_g": "0.0002",
+    }.items():
         assert params[key] == value
     metrics = {k for (k,) in _mlflow_rows(trained, f"select distinct key from metrics where run_uuid = '{run_id}'")}
     assert {"loss_g", "loss_d", "val_dice", "val_iou"} <= metrics
     artifacts = Path(artifact_uri.removeprefix("file://"))
     names = {p.name for p in artifacts.rglob("*") if p.is_file()}
     assert {"model.pt", "last.pt"} <= names
-    panels = [p for p in artifacts.rglob("*.png")]
+    panels = list(artifacts.rglob("*.png"))
     assert panels and Image.open(panels[0]).size[0] == 4 * 128
 
 
@@ -110,8 +138,22 @@ def test_resume_restores_epoch_and_optimizer_state(trained, tmp_path):
     assert refused.returncode != 0
     assert "model.pt: a checkpoint from an earlier run exists" in refused.stderr and "--resume" in refused.stderr
     # resuming to epoch 3 runs exactly one more epoch, continuing the optimizer's step count
-    run_bundle("training", ["train.yaml"], trained, *SHORT[:-6], "--max_epochs", "3", "--val_interval", "1",
-               "--num_generations", "3", "--batch_size", "6", "--resume", "true")
+    run_bundle(
+        "training",
+        ["train.yaml"],
+        trained,
+        *SHORT[:-6],
+        "--max_epochs",
+        "3",
+        "--val_interval",
+        "1",
+        "--num_generations",
+        "3",
+        "--batch_size",
+        "6",
+        "--resume",
+        "true",
+    )
     resumed = torch.load(trained / "models" / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["trainer"]["iteration"] == 24 and resumed["trainer"]["max_epochs"] == 3
     steps = [s["step"] for s in resumed["optimizers"]["generator"]["state"].values()]
@@ -120,8 +162,17 @@ def test_resume_restores_epoch_and_optimizer_state(trained, tmp_path):
 
 
 def test_evaluation_writes_per_image_csv_and_summary(trained):
-    run_bundle("evaluating", ["train.yaml", "evaluate.yaml"], trained, "--dataset_root", SMALL_DATA,
-               "--num_generations", "3", "--eval_subset", "test")
+    run_bundle(
+        "evaluating",
+        ["train.yaml", "evaluate.yaml"],
+        trained,
+        "--dataset_root",
+        SMALL_DATA,
+        "--num_generations",
+        "3",
+        "--eval_subset",
+        "test",
+    )
     out = trained / "eval" / "evaluation_synthetic_test"
     rows = list(csv.DictReader(open(out / "metrics_per_image.csv")))
     assert [Path(r["image"]).name for r in rows] == [f"synth_test_{i:03d}.tif" for i in range(3)]
@@ -136,16 +187,35 @@ def test_evaluation_writes_per_image_csv_and_summary(trained):
     seen = {d["image"] for d in datalist["training"] + datalist["validation"]}
     assert not seen & {d["image"] for d in datalist["test"]}
     # results are not silently replaced
-    again = run_bundle("evaluating", ["train.yaml", "evaluate.yaml"], trained, "--dataset_root", SMALL_DATA,
-                       "--num_generations", "3", "--eval_subset", "test", check=False)
+    again = run_bundle(
+        "evaluating",
+        ["train.yaml", "evaluate.yaml"],
+        trained,
+        "--dataset_root",
+        SMALL_DATA,
+        "--num_generations",
+        "3",
+        "--eval_subset",
+        "test",
+        check=False,
+    )
     assert again.returncode != 0 and "metrics_per_image.csv" in again.stderr
 
 
 def test_inference_writes_masks_and_uncertainty_with_input_names(trained, tmp_path):
     inputs = trained.parent / "data" / "MoNuSegTestData"
     out = tmp_path / "predictions"
-    run_bundle("run", ["inference.yaml"], trained, "--input_dir", str(inputs), "--output_dir", str(out),
-               "--num_generations", "3")
+    run_bundle(
+        "run",
+        ["inference.yaml"],
+        trained,
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(out),
+        "--num_generations",
+        "3",
+    )
     stems = sorted(p.stem for p in inputs.glob("*.tif"))
     assert sorted(p.stem for p in (out / "masks").glob("*.png")) == stems
     assert sorted(p.stem for p in (out / "uncertainty").glob("*.png")) == stems
@@ -158,6 +228,16 @@ def test_inference_writes_masks_and_uncertainty_with_input_names(trained, tmp_pa
         truth = truth[0].numpy() > 0
         assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.3
     # an existing result is never overwritten
-    again = run_bundle("run", ["inference.yaml"], trained, "--input_dir", str(inputs), "--output_dir", str(out),
-                       "--num_generations", "3", check=False)
+    again = run_bundle(
+        "run",
+        ["inference.yaml"],
+        trained,
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(out),
+        "--num_generations",
+        "3",
+        check=False,
+    )
     assert again.returncode != 0 and "exists already" in again.stderr

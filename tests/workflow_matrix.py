@@ -33,13 +33,22 @@ WORKFLOWS = {
 # small networks: the same overrides serve training, evaluation and inference of a cell
 TINY_METHOD: dict[str, dict[str, Any]] = {
     "cdal": {
-        "network_def#num_channels": 8, "network_def#channel_mult": [1, 2], "network_def#nz": 4,
-        "network_def#z_emb_dim": 8, "network_def#cond_enc_layers": 1, "discriminator_def#ngf": 2,
+        "network_def#num_channels": 8,
+        "network_def#channel_mult": [1, 2],
+        "network_def#nz": 4,
+        "network_def#z_emb_dim": 8,
+        "network_def#cond_enc_layers": 1,
+        "discriminator_def#ngf": 2,
         "discriminator_def#channel_mult": [1, 1, 1],
     },
     "segdiff": {
-        "network_def#channel_mult": [1, 1], "network_def#attention_resolutions": [], "network_def#rrdb_features": 8,
-        "network_def#rrdb_growth": 4, "network_def#num_heads": 1, "sampling_steps": 2, "num_timesteps": 20,
+        "network_def#channel_mult": [1, 1],
+        "network_def#attention_resolutions": [],
+        "network_def#rrdb_features": 8,
+        "network_def#rrdb_growth": 4,
+        "network_def#num_heads": 1,
+        "sampling_steps": 2,
+        "num_timesteps": 20,
         "beta_schedule": "paper",
     },
     "unet": {"network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "network_def#num_res_units": 1},
@@ -85,14 +94,19 @@ def write_tiny_data(root: Path) -> dict[str, dict[str, Any]]:
     hippo = write_synthetic_hippocampus(root / "hippocampus", num_cases=8, shape=(22, 26, 20), seed=0)
     lidc = ensure_synthetic_lidc(root / "lidc", num_train=8, num_test=2, size=32, seed=0)
     inputs = {}
-    for name, pattern, base in (("cxr", "CXR_png/*.png", cxr), ("hippocampus", "imagesTr/*.nii.gz", hippo),
-                                ("lidc", "testing/*/image_*.jpg", lidc)):
+    for name, pattern, base in (
+        ("cxr", "CXR_png/*.png", cxr),
+        ("hippocampus", "imagesTr/*.nii.gz", hippo),
+        ("lidc", "testing/*/image_*.jpg", lidc),
+    ):
         folder = root / f"{name}_inputs"
         folder.mkdir(exist_ok=True)
         for path in sorted(Path(base).glob(pattern))[:2]:
             shutil.copy(path, folder / path.name)
         inputs[name] = folder
-    synthetic_root = f"$bundle.data.synthetic.ensure_synthetic_monuseg('{monuseg}', num_train=6, num_test=2, size=64, seed=0)"
+    synthetic_root = (
+        f"$bundle.data.synthetic.ensure_synthetic_monuseg('{monuseg}', num_train=6, num_test=2, size=64, seed=0)"
+    )
     return {
         "synthetic": {"dataset_root": synthetic_root, "input_dir": str(Path(monuseg) / "MoNuSegTestData")},
         "monuseg": {"dataset_dir": str(monuseg), "input_dir": str(Path(monuseg) / "MoNuSegTestData")},
@@ -103,7 +117,12 @@ def write_tiny_data(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_cell(
-    workflow: str, method: str, dataset: str, bundle_root: Path, data: dict[str, Any], extra: dict | None = None,
+    workflow: str,
+    method: str,
+    dataset: str,
+    bundle_root: Path,
+    data: dict[str, Any],
+    extra: dict | None = None,
     workflow_files: Sequence[str] = (),
 ) -> ConfigParser:
     """Run one workflow of a cell in this process (``training``, ``evaluating`` or ``inference``)."""

@@ -35,10 +35,15 @@ UNCERTAINTY_TAG = "uncertainty"
 class DiffusionSegmentationApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.bundles_dir = os.path.abspath(conf.get("bundles") or os.path.join(app_dir, "model"))
-        found = sorted(
-            d for d in os.listdir(self.bundles_dir)
-            if os.path.isfile(os.path.join(self.bundles_dir, d, "configs", "inference.yaml"))
-        ) if os.path.isdir(self.bundles_dir) else []
+        found = (
+            sorted(
+                d
+                for d in os.listdir(self.bundles_dir)
+                if os.path.isfile(os.path.join(self.bundles_dir, d, "configs", "inference.yaml"))
+            )
+            if os.path.isdir(self.bundles_dir)
+            else []
+        )
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
         unknown = [m for m in wanted if m != "all" and m not in found]
         if unknown:
@@ -47,7 +52,10 @@ class DiffusionSegmentationApp(MONAILabelApp):
         if not self.models:
             raise ValueError(f"no exported bundles in {self.bundles_dir} (scripts/export_monailabel_bundle.py)")
         super().__init__(
-            app_dir=app_dir, studies=studies, conf=conf, name="diffseg",
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="diffseg",
             description="Diffusion segmentation ensembles (cDAL, SegDiff) with per-pixel uncertainty",
             version="0.1.0",
         )
@@ -71,8 +79,9 @@ class DiffusionSegmentationApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         datastore = datastore if datastore else self.datastore()
         if request.get("model") not in self._infers:
-            raise HTTPException(status_code=404, detail=f"no model '{request.get('model')}'; this server serves "
-                                f"{sorted(self._infers)}")
+            raise HTTPException(
+                status_code=404, detail=f"no model '{request.get('model')}'; this server serves {sorted(self._infers)}"
+            )
         image = request.get("image")
         if isinstance(image, str) and not os.path.exists(image) and image not in datastore.list_images():
             raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore ({self.studies})")

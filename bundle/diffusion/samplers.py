@@ -23,7 +23,7 @@ from monai.networks.schedulers import Scheduler
 from torch import nn
 
 from bundle.diffusion.steps import ReverseStep, spaced_timesteps
-from bundle.inferers.samplers import SampleRows, Sampler
+from bundle.inferers.samplers import Sampler, SampleRows
 from bundle.runtime import randn_rows, unwrap_network
 
 __all__ = ["DiffusionSampler", "UncachedImageNetwork", "make_sampler", "samples_to_probability"]
@@ -73,7 +73,11 @@ class DiffusionSampler(Sampler):
         return samples_to_probability(self.chain(network, condition, label_shape, generators)), None
 
     def chain(
-        self, network: nn.Module, condition: torch.Tensor, label_shape: Sequence[int], generators: Sequence[torch.Generator]
+        self,
+        network: nn.Module,
+        condition: torch.Tensor,
+        label_shape: Sequence[int],
+        generators: Sequence[torch.Generator],
     ) -> torch.Tensor:
         """Label samples (R, *label_shape), about [-1, 1], for R = len(generators) rows of image features."""
         rows = len(generators)
@@ -110,7 +114,9 @@ class UncachedImageNetwork(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return image
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *args, image_features: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, *args, image_features: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
         return self.network(x_t, t, *args, image=image_features, **kwargs)
 
 

@@ -135,8 +135,9 @@ class SegmentationTrainer(Trainer):
             network.train()
         losses = engine.step(engine, image, label, batchdata)
         if set(losses) != set(engine.step.loss_keys):
-            raise KeyError(f"{type(engine.step).__name__} returned losses {sorted(losses)}, declared "
-                           f"{list(engine.step.loss_keys)}")
+            raise KeyError(
+                f"{type(engine.step).__name__} returned losses {sorted(losses)}, declared {list(engine.step.loss_keys)}"
+            )
         values = {k: float(losses[k]) for k in engine.step.loss_keys}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
@@ -144,7 +145,11 @@ class SegmentationTrainer(Trainer):
                 f"non-finite {', '.join(bad)} at iteration {engine.state.iteration}: training diverged; lower the "
                 "learning rate"
             )
-        out = {CommonKeys.IMAGE: image, CommonKeys.LABEL: label, CommonKeys.LOSS: losses[engine.step.loss_keys[0]],
-               "losses": values}
+        out = {
+            CommonKeys.IMAGE: image,
+            CommonKeys.LABEL: label,
+            CommonKeys.LOSS: losses[engine.step.loss_keys[0]],
+            "losses": values,
+        }
         engine.state.output = out
         return out

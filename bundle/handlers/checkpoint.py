@@ -223,16 +223,20 @@ class AtomicCheckpointSaver:
             objects = self._objects()
             missing = sorted(set(objects) - set(checkpoint))
             if missing:
-                raise KeyError(f"{self.last_path}: no {', '.join(missing)} in this checkpoint (it holds "
-                               f"{sorted(checkpoint)}); was it written by another method?")
+                raise KeyError(
+                    f"{self.last_path}: no {', '.join(missing)} in this checkpoint (it holds "
+                    f"{sorted(checkpoint)}); was it written by another method?"
+                )
             max_epochs = engine.state.max_epochs  # this run's target, which the checkpoint's must not replace
             try:
                 Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
             except (KeyError, RuntimeError, ValueError) as err:
                 raise ValueError(f"{self.last_path}: does not fit this run's networks/optimizers: {err}") from err
             if max_epochs is not None and engine.state.epoch > max_epochs:
-                raise ValueError(f"{self.last_path}: the checkpoint is at epoch {engine.state.epoch}, beyond "
-                                 f"--max_epochs {max_epochs}; give a larger --max_epochs to continue")
+                raise ValueError(
+                    f"{self.last_path}: the checkpoint is at epoch {engine.state.epoch}, beyond "
+                    f"--max_epochs {max_epochs}; give a larger --max_epochs to continue"
+                )
             engine.state.max_epochs = max_epochs
             logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}")
             return

@@ -67,7 +67,9 @@ class DistributionReportWriter:
     def _check(self, engine: Engine) -> None:
         existing = [p for p in (self.json_path, self.csv_path) if p.exists()]
         if existing and not self.overwrite:
-            raise FileExistsError(f"{existing[0]}: results exist already; pass '--overwrite true' or another output_dir")
+            raise FileExistsError(
+                f"{existing[0]}: results exist already; pass '--overwrite true' or another output_dir"
+            )
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output

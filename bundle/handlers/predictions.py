@@ -24,7 +24,11 @@ class NiftiPredictionWriter:
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike, pred_key: str = "pred", image_key: str = "image", first_class: int = 1,
+        self,
+        output_dir: str | os.PathLike,
+        pred_key: str = "pred",
+        image_key: str = "image",
+        first_class: int = 1,
         overwrite: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)

@@ -72,7 +72,9 @@ class SegmentationReportWriter:
     def _check_outputs(self, engine: Engine) -> None:
         existing = [p for p in (self.csv_path, self.json_path) if p.exists()]
         if existing and not self.overwrite:
-            raise FileExistsError(f"{existing[0]}: results exist already; pass '--overwrite true' or another output_dir")
+            raise FileExistsError(
+                f"{existing[0]}: results exist already; pass '--overwrite true' or another output_dir"
+            )
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output

@@ -141,8 +141,11 @@ class EnsembleInferer(Inferer):
                 )
             slice_shape = [s for a, s in enumerate(inputs.shape[2:]) if a != self.slice_axis]
             slicer = SliceInferer(
-                spatial_dim=self.slice_axis, roi_size=tuple(self.roi_size or slice_shape),
-                sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="constant",
+                spatial_dim=self.slice_axis,
+                roi_size=tuple(self.roi_size or slice_shape),
+                sw_batch_size=self.sw_batch_size,
+                overlap=self.overlap,
+                mode="constant",
             )
             self._refuse_tiled_weights()
             return slicer(inputs, run)
@@ -190,8 +193,12 @@ class EnsembleInferer(Inferer):
         for start in range(0, batch * n, chunk):
             stop = min(start + chunk, batch * n)
             probs, w = self.sampler.sample(
-                network, take_rows(condition, start, stop), label_shape, generators[start:stop],
-                generation[start:stop], n,
+                network,
+                take_rows(condition, start, stop),
+                label_shape,
+                generators[start:stop],
+                generation[start:stop],
+                n,
             )
             probabilities.append(probs.float())
             weights.append(torch.full((stop - start,), 1.0 / n, device=probs.device) if w is None else w.float())

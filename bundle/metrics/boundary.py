@@ -124,7 +124,9 @@ class _PerImageMaskMetric(CumulativeIterationMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError(f"{type(self).__name__} needs labels")
-        pred_mask, true_mask = binarise(torch.as_tensor(y_pred), torch.as_tensor(y), self.threshold, self.label_threshold)
+        pred_mask, true_mask = binarise(
+            torch.as_tensor(y_pred), torch.as_tensor(y), self.threshold, self.label_threshold
+        )
         return self._score(pred_mask, true_mask).float()
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]

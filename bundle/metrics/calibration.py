@@ -84,7 +84,9 @@ class CalibrationScoreMetric(CumulativeIterationMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError("CalibrationScoreMetric needs labels")
-        return calibration_error(torch.as_tensor(y_pred), torch.as_tensor(y), self.num_bins, self.label_threshold).float()
+        return calibration_error(
+            torch.as_tensor(y_pred), torch.as_tensor(y), self.num_bins, self.label_threshold
+        ).float()
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]
         data = self.get_buffer()

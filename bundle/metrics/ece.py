@@ -16,8 +16,12 @@ import torch
 
 from bundle.metrics.sample_sets import SampleSet, SampleSetMetric
 
-__all__ = ["calibration_bin_statistics", "ece_from_statistics", "expected_calibration_error",
-           "ExpectedCalibrationError"]
+__all__ = [
+    "calibration_bin_statistics",
+    "ece_from_statistics",
+    "expected_calibration_error",
+    "ExpectedCalibrationError",
+]
 
 
 def _edges(num_bins: int) -> torch.Tensor:
@@ -51,7 +55,7 @@ def calibration_bin_statistics(confidence: torch.Tensor, label: torch.Tensor, nu
 def ece_from_statistics(statistics: torch.Tensor, num_bins: int = 10) -> float:
     """ECE from summed :func:`calibration_bin_statistics` rows ((K, 3 * num_bins + 1) or (3 * num_bins + 1,))."""
     stats = torch.as_tensor(statistics, dtype=torch.float64).reshape(-1, 3 * num_bins + 1).sum(0)
-    counts, conf_sums, label_sums = stats[:num_bins], stats[num_bins:2 * num_bins], stats[2 * num_bins:3 * num_bins]
+    counts, conf_sums, label_sums = stats[:num_bins], stats[num_bins : 2 * num_bins], stats[2 * num_bins : 3 * num_bins]
     total = float(stats[-1])
     if total <= 0:
         return math.nan

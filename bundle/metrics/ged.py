@@ -58,10 +58,16 @@ def generalized_energy_distance(
     s = torch.as_tensor(samples).bool().flatten(2)
     y = torch.as_tensor(annotations).bool().flatten(2)
     n, m = s.shape[0], y.shape[0]
-    w_s = torch.full((n,), 1.0 / n, dtype=torch.float64) if sample_weights is None else torch.as_tensor(
-        sample_weights, dtype=torch.float64)
-    w_y = torch.full((m,), 1.0 / m, dtype=torch.float64) if annotation_weights is None else torch.as_tensor(
-        annotation_weights, dtype=torch.float64)
+    w_s = (
+        torch.full((n,), 1.0 / n, dtype=torch.float64)
+        if sample_weights is None
+        else torch.as_tensor(sample_weights, dtype=torch.float64)
+    )
+    w_y = (
+        torch.full((m,), 1.0 / m, dtype=torch.float64)
+        if annotation_weights is None
+        else torch.as_tensor(annotation_weights, dtype=torch.float64)
+    )
     return float(_ged(s, y, w_s, w_y, empty_pair))
 
 
@@ -88,8 +94,13 @@ class GeneralizedEnergyDistance(BinarySampleSetMetric):
     """
 
     def score(self, sample_set: SampleSet) -> torch.Tensor:
-        value = _ged(sample_set.binary_samples(self.threshold), sample_set.annotations, sample_set.weights,
-                     sample_set.annotation_weights, self.empty_pair)
+        value = _ged(
+            sample_set.binary_samples(self.threshold),
+            sample_set.annotations,
+            sample_set.weights,
+            sample_set.annotation_weights,
+            self.empty_pair,
+        )
         return value.float().reshape(1, 1).cpu()
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]

@@ -38,15 +38,17 @@ def _transport_plan(cost: np.ndarray, w_s: np.ndarray, w_y: np.ndarray) -> np.nd
     n, m = cost.shape
     rows = np.kron(np.eye(n), np.ones((1, m)))
     cols = np.kron(np.ones((1, n)), np.eye(m))
-    result = linprog(cost.ravel(), A_eq=np.vstack([rows, cols]), b_eq=np.concatenate([w_s, w_y]),
-                     bounds=(0, None), method="highs")
+    result = linprog(
+        cost.ravel(), A_eq=np.vstack([rows, cols]), b_eq=np.concatenate([w_s, w_y]), bounds=(0, None), method="highs"
+    )
     if not result.success:
         raise RuntimeError(f"optimal transport LP failed: {result.message}")
     return result.x.reshape(n, m)
 
 
 def matched_iou_from_distance(
-    distance: np.ndarray | torch.Tensor, sample_weights: np.ndarray | None = None,
+    distance: np.ndarray | torch.Tensor,
+    sample_weights: np.ndarray | None = None,
     annotation_weights: np.ndarray | None = None,
 ) -> float:
     """HM-IoU from an (N, M) distance matrix d = 1 - IoU and optional weights (see the module docstring)."""
@@ -90,10 +92,12 @@ class HungarianMatchedIoU(BinarySampleSetMetric):
     """
 
     def score(self, sample_set: SampleSet) -> torch.Tensor:
-        distance = pairwise_iou_distance(sample_set.binary_samples(self.threshold), sample_set.annotations,
-                                         self.empty_pair)
-        value = matched_iou_from_distance(distance, sample_set.weights.cpu().numpy(),
-                                          sample_set.annotation_weights.cpu().numpy())
+        distance = pairwise_iou_distance(
+            sample_set.binary_samples(self.threshold), sample_set.annotations, self.empty_pair
+        )
+        value = matched_iou_from_distance(
+            distance, sample_set.weights.cpu().numpy(), sample_set.annotation_weights.cpu().numpy()
+        )
         return torch.tensor([[value]], dtype=torch.float32)
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]

@@ -26,8 +26,15 @@ from typing import Any
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-__all__ = ["EMPTY_PAIR_CONVENTIONS", "SampleSet", "check_empty_pair", "pairwise_iou_distance", "make_sample_set",
-           "SampleSetMetric", "SampleSetOutput"]
+__all__ = [
+    "EMPTY_PAIR_CONVENTIONS",
+    "SampleSet",
+    "check_empty_pair",
+    "pairwise_iou_distance",
+    "make_sample_set",
+    "SampleSetMetric",
+    "SampleSetOutput",
+]
 
 #: "zero": d(empty, empty) = 0 (MoSE, IoU with 1e-8 added to both terms); "nan": undefined (official Prob. U-Net)
 EMPTY_PAIR_CONVENTIONS = ("zero", "nan")
@@ -71,7 +78,9 @@ def pairwise_iou_distance(a: torch.Tensor, b: torch.Tensor, empty_pair: str = "z
     """
     check_empty_pair(empty_pair)
     if a.ndim != 3 or b.ndim != 3 or a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"masks must be (N, C, P) and (M, C, P) with equal C, P; got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"masks must be (N, C, P) and (M, C, P) with equal C, P; got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     af = a.permute(1, 0, 2).to(torch.float32)  # (C, N, P); counts below 2**24 are exact in float32
     bf = b.permute(1, 0, 2).to(torch.float32)
     inter = torch.bmm(af, bf.transpose(1, 2)).double()  # (C, N, M)
@@ -215,8 +224,10 @@ class SampleSetOutput:
     def __call__(self, output: Any) -> tuple[list, list]:
         if isinstance(output, Mapping):
             batch = output[self.samples_key].shape[0]
-            output = [{k: (v[i] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in output.items()}
-                      for i in range(batch)]
+            output = [
+                {k: (v[i] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in output.items()}
+                for i in range(batch)
+            ]
         pairs = [self._item(item) for item in output]
         return [p for p, _ in pairs], [a for _, a in pairs]
 

@@ -181,7 +181,10 @@ class FIRDownsample(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int | None = None, out_channels: int | None = None, with_conv: bool = False,
+        self,
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        with_conv: bool = False,
         taps: tuple[float, ...] = FIR_TAPS,
     ) -> None:
         super().__init__()
@@ -210,7 +213,10 @@ class FIRUpsample(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int | None = None, out_channels: int | None = None, with_conv: bool = False,
+        self,
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        with_conv: bool = False,
         taps: tuple[float, ...] = FIR_TAPS,
     ) -> None:
         super().__init__()
@@ -244,8 +250,15 @@ class BigGANResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int | None = None, *, temb_dim: int, zemb_dim: int,
-        up: bool = False, down: bool = False, dropout: float = 0.0,
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        *,
+        temb_dim: int,
+        zemb_dim: int,
+        up: bool = False,
+        down: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if up and down:

@@ -47,7 +47,11 @@ class CDALImageEncoder(nn.Sequential):
     """
 
     def __init__(
-        self, image_channels: int = 3, num_channels: int = 64, num_layers: int = 5, num_res_blocks: int = 1,
+        self,
+        image_channels: int = 3,
+        num_channels: int = 64,
+        num_layers: int = 5,
+        num_res_blocks: int = 1,
         dropout: float = 0.0,
     ) -> None:
         blocks = [PlainResBlock(num_channels, dropout) for _ in range(num_layers * num_res_blocks)]

@@ -36,8 +36,11 @@ SAMPLE_MODES = ("weighted", "sampled")
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, bias: bool = True) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=bias),
-            nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=bias),
+        nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01),
+        nn.ReLU(inplace=True),
+    ]
 
 
 def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
@@ -84,8 +87,13 @@ class ExpertGating(nn.Sequential):
     """pi(x): (B, C) global features -> (B, K) expert weights (softmax)."""
 
     def __init__(self, channels: int, num_experts: int) -> None:
-        super().__init__(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels), nn.ReLU(),
-                         nn.Linear(channels, num_experts, bias=False))
+        super().__init__(
+            nn.Linear(channels, channels),
+            nn.ReLU(),
+            nn.Linear(channels, channels),
+            nn.ReLU(),
+            nn.Linear(channels, num_experts, bias=False),
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return torch.softmax(super().forward(features).float(), dim=-1)
@@ -237,8 +245,9 @@ class MixtureOfStochasticExperts(nn.Module):
         k = self.num_experts
         if mode == "weighted":
             if num_generations % k:
-                raise ValueError(f"weighted sampling needs num_generations divisible by num_experts={k}, got "
-                                 f"{num_generations}")
+                raise ValueError(
+                    f"weighted sampling needs num_generations divisible by num_experts={k}, got {num_generations}"
+                )
             experts = (generation % k).to(expert_weights.device)
             weights = expert_weights.gather(1, experts[:, None])[:, 0] / (num_generations // k)
         elif mode == "sampled":

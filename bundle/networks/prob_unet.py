@@ -111,8 +111,9 @@ class ProbabilisticUNet(nn.Module):
             for i in reversed(range(self.num_levels - 1))
         )
         self.prior_net = AxisAlignedGaussianNet(image_channels, num_channels, latent_dim, convs_per_block)
-        self.posterior_net = AxisAlignedGaussianNet(image_channels + label_channels, num_channels, latent_dim,
-                                                    convs_per_block)
+        self.posterior_net = AxisAlignedGaussianNet(
+            image_channels + label_channels, num_channels, latent_dim, convs_per_block
+        )
         width = num_channels[0]
         layers: list[nn.Module] = []
         for i in range(num_fcomb_layers):

@@ -38,7 +38,15 @@ class BaselineUNet(UNet):
         norm: str = "batch",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(spatial_dims=2, in_channels=image_channels, out_channels=label_channels, channels=channels,
-                         strides=strides, num_res_units=num_res_units, norm=norm, dropout=dropout)
+        super().__init__(
+            spatial_dims=2,
+            in_channels=image_channels,
+            out_channels=label_channels,
+            channels=channels,
+            strides=strides,
+            num_res_units=num_res_units,
+            norm=norm,
+            dropout=dropout,
+        )
         self.image_channels = image_channels
         self.label_channels = label_channels

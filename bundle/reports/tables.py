@@ -29,8 +29,20 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ttest_rel
 
-__all__ = ["RunResult", "Cell", "PairedTest", "ResultsTable", "find_metrics_file", "read_run", "build_table",
-           "format_markdown", "format_csv", "format_latex", "write_tables", "log_table_to_mlflow"]
+__all__ = [
+    "RunResult",
+    "Cell",
+    "PairedTest",
+    "ResultsTable",
+    "find_metrics_file",
+    "read_run",
+    "build_table",
+    "format_markdown",
+    "format_csv",
+    "format_latex",
+    "write_tables",
+    "log_table_to_mlflow",
+]
 
 METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall"}
 PAIRINGS = ("image", "fold")
@@ -94,8 +106,11 @@ def find_metrics_file(run_dir: str | os.PathLike) -> Path:
     found = sorted(run_dir.glob("eval/evaluation_*/metrics_per_image.csv"))
     if len(found) == 1:
         return found[0]
-    problem = "holds no metrics_per_image.csv (is the run finished?)" if not found else (
-        f"holds {len(found)} evaluations ({', '.join(str(p.parent.name) for p in found)}); name one")
+    problem = (
+        "holds no metrics_per_image.csv (is the run finished?)"
+        if not found
+        else (f"holds {len(found)} evaluations ({', '.join(str(p.parent.name) for p in found)}); name one")
+    )
     raise FileNotFoundError(f"{run_dir}: {problem}")
 
 
@@ -124,7 +139,7 @@ def _columns_of(run: RunResult, metrics: Sequence[str]) -> list[tuple[str, str]]
             columns.append((metric, label))
             continue
         classes = [c for c in run.scores if c.startswith(metric + "_") and c != metric + "_mean"]
-        columns += [(c, f"{label} {c[len(metric) + 1:]}") for c in classes]
+        columns += [(c, f"{label} {c[len(metric) + 1 :]}") for c in classes]
         if len(classes) > 1:
             columns.append((metric + "_mean", f"{label} mean"))
     return columns
@@ -144,8 +159,10 @@ def _paired(a: list[RunResult], b: list[RunResult], column: str, pairing: str) -
     if pairing == "fold":
         folds_b = {r.fold: r for r in b}
         common = [r for r in a if r.fold in folds_b]
-        return (np.array([np.nanmean(_per_image(r, column)) for r in common]),
-                np.array([np.nanmean(_per_image(folds_b[r.fold], column)) for r in common]))
+        return (
+            np.array([np.nanmean(_per_image(r, column)) for r in common]),
+            np.array([np.nanmean(_per_image(folds_b[r.fold], column)) for r in common]),
+        )
     xs, ys = [], []
     by_fold = {r.fold: r for r in b}
     for run_a in a:
@@ -155,8 +172,10 @@ def _paired(a: list[RunResult], b: list[RunResult], column: str, pairing: str) -
         index_b = {name: i for i, name in enumerate(run_b.images)}
         missing = [n for n in run_a.images if n not in index_b]
         if missing or len(index_b) != len(run_a.images):
-            raise ValueError(f"fold {run_a.fold}: {run_a.source} and {run_b.source} scored different images "
-                             f"(e.g. {missing[0] if missing else 'extra images in the second'}); cannot pair them")
+            raise ValueError(
+                f"fold {run_a.fold}: {run_a.source} and {run_b.source} scored different images "
+                f"(e.g. {missing[0] if missing else 'extra images in the second'}); cannot pair them"
+            )
         values_a, values_b = _per_image(run_a, column), _per_image(run_b, column)
         xs += list(values_a)
         ys += [values_b[index_b[n]] for n in run_a.images]
@@ -164,7 +183,9 @@ def _paired(a: list[RunResult], b: list[RunResult], column: str, pairing: str) -
 
 
 def build_table(
-    runs: Sequence[RunResult], dataset: str, metrics: Sequence[str] = ("dice", "iou", "precision", "recall"),
+    runs: Sequence[RunResult],
+    dataset: str,
+    metrics: Sequence[str] = ("dice", "iou", "precision", "recall"),
     pairing: str = "image",
 ) -> ResultsTable:
     """Aggregate runs (one per method and fold) into a :class:`ResultsTable`; the first method is the reference.
@@ -196,8 +217,9 @@ def build_table(
         for key, _ in columns:
             fold_values = [float(np.nanmean(_per_image(r, key))) for r in method_runs]
             std = float(np.std(fold_values, ddof=1)) if len(fold_values) > 1 else math.nan
-            cells[(method, key)] = Cell(float(np.mean(fold_values)), std, fold_values,
-                                        sum(len(r.images) for r in method_runs))
+            cells[(method, key)] = Cell(
+                float(np.mean(fold_values)), std, fold_values, sum(len(r.images) for r in method_runs)
+            )
     tests = []
     for other in methods[1:]:
         for key, _ in columns:
@@ -242,18 +264,29 @@ def _pairing_text(table: ResultsTable) -> str:
 def format_markdown(table: ResultsTable) -> str:
     """The table and its t-tests as GitHub Markdown."""
     labels = [label for _, label in table.columns]
-    lines = [f"**{_caption(table)}**", "", "| Method | " + " | ".join(labels) + " |",
-             "| --- |" + " --- |" * len(labels)]
+    lines = [
+        f"**{_caption(table)}**",
+        "",
+        "| Method | " + " | ".join(labels) + " |",
+        "| --- |" + " --- |" * len(labels),
+    ]
     for method in table.methods:
         values = [_cell(table.cells[(method, key)], " ± ") for key, _ in table.columns]
         lines.append(f"| {method} | " + " | ".join(values) + " |")
     if table.tests:
-        lines += ["", f"Paired t-test (scipy.stats.ttest_rel, two-sided), {_pairing_text(table)}:", "",
-                  "| Comparison | Metric | Mean difference | t | p | Pairs |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"Paired t-test (scipy.stats.ttest_rel, two-sided), {_pairing_text(table)}:",
+            "",
+            "| Comparison | Metric | Mean difference | t | p | Pairs |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         label_of = dict(table.columns)
         for t in table.tests:
-            lines.append(f"| {t.method_b} − {t.method_a} | {label_of[t.column]} | {_value(t.mean_difference, 4)} | "
-                         f"{_value(t.statistic, 3)} | {_p(t.p_value)} | {t.n} |")
+            lines.append(
+                f"| {t.method_b} − {t.method_a} | {label_of[t.column]} | {_value(t.mean_difference, 4)} | "
+                f"{_value(t.statistic, 3)} | {_p(t.p_value)} | {t.n} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -273,8 +306,12 @@ def format_csv(table: ResultsTable) -> str:
         for key, _ in table.columns:
             cell = table.cells[(method, key)]
             p = p_of.get((method, key), math.nan)
-            row += [f"{cell.mean:.6f}", "" if math.isnan(cell.std) else f"{cell.std:.6f}",
-                    " ".join(f"{v:.6f}" for v in cell.fold_values), "" if math.isnan(p) else f"{p:.6g}"]
+            row += [
+                f"{cell.mean:.6f}",
+                "" if math.isnan(cell.std) else f"{cell.std:.6f}",
+                " ".join(f"{v:.6f}" for v in cell.fold_values),
+                "" if math.isnan(p) else f"{p:.6g}",
+            ]
         compared = method != table.methods[0] and bool(table.tests)
         row += [table.methods[0] if compared else "", table.pairing if compared else ""]
         writer.writerow(row)
@@ -290,17 +327,28 @@ def _tex(text: str) -> str:
 def format_latex(table: ResultsTable) -> str:
     """A booktabs ``table`` environment; t-test p-values in a second tabular under it."""
     labels = [_tex(label) for _, label in table.columns]
-    lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex(_caption(table))}}}",
-             r"\begin{tabular}{l" + "c" * len(labels) + "}", r"\toprule",
-             "Method & " + " & ".join(labels) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        f"\\caption{{{_tex(_caption(table))}}}",
+        r"\begin{tabular}{l" + "c" * len(labels) + "}",
+        r"\toprule",
+        "Method & " + " & ".join(labels) + r" \\",
+        r"\midrule",
+    ]
     for method in table.methods:
         values = ["$" + _cell(table.cells[(method, key)], PLUS_MINUS_TEX) + "$" for key, _ in table.columns]
         lines.append(f"{_tex(method)} & " + " & ".join(values) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if table.tests:
-        lines += [r"\par\medskip", f"Paired t-test, {_tex(_pairing_text(table))}: $p$-values.\\par",
-                  r"\begin{tabular}{l" + "c" * len(labels) + "}", r"\toprule",
-                  "Comparison & " + " & ".join(labels) + r" \\", r"\midrule"]
+        lines += [
+            r"\par\medskip",
+            f"Paired t-test, {_tex(_pairing_text(table))}: $p$-values.\\par",
+            r"\begin{tabular}{l" + "c" * len(labels) + "}",
+            r"\toprule",
+            "Comparison & " + " & ".join(labels) + r" \\",
+            r"\midrule",
+        ]
         for other in table.methods[1:]:
             ps = {t.column: t.p_value for t in table.tests if t.method_b == other}
             values = [_p(ps.get(key, math.nan)) for key, _ in table.columns]
@@ -327,7 +375,10 @@ def write_tables(table: ResultsTable, output_dir: str | os.PathLike, overwrite: 
 
 
 def log_table_to_mlflow(
-    table: ResultsTable, paths: dict[str, Path], tracking_uri: str, experiment_name: str = "diffseg",
+    table: ResultsTable,
+    paths: dict[str, Path],
+    tracking_uri: str,
+    experiment_name: str = "diffseg",
     run_name: str | None = None,
 ) -> str:
     """Log the cells (``<method>/<column>_mean|_std``), p-values and the table files as one MLflow run; its id."""
@@ -338,15 +389,19 @@ def log_table_to_mlflow(
     if experiment is None:
         location = None
         if tracking_uri.startswith("sqlite:///"):
-            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlruns").absolute().as_uri()
+            location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns").absolute().as_uri()
         experiment_id = client.create_experiment(experiment_name, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
     name = run_name or f"table_{table.dataset}_{'_vs_'.join(table.methods)}"
     run = client.create_run(experiment_id, run_name=name)
     run_id = run.info.run_id
-    params = {"dataset": table.dataset, "methods": ",".join(table.methods),
-              "folds": ",".join(str(f) for f in table.folds), "pairing": table.pairing}
+    params = {
+        "dataset": table.dataset,
+        "methods": ",".join(table.methods),
+        "folds": ",".join(str(f) for f in table.folds),
+        "pairing": table.pairing,
+    }
     for key, value in params.items():
         client.log_param(run_id, key, value)
     for (method, key), cell in table.cells.items():

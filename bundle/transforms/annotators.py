@@ -21,8 +21,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 
 from bundle.data.errors import DataFormatError
-from bundle.transforms.io import open_decoded_image
 from bundle.data.lidc import LIDC_MASK_THRESHOLD, PICKLE_REF_SEPARATOR, PICKLE_SUFFIXES, read_lidc_pickle_entry
+from bundle.transforms.io import open_decoded_image
 
 __all__ = ["read_grey_image", "read_thresholded_mask", "LoadLIDCd", "RandSelectAnnotatord", "SelectAnnotatord"]
 
@@ -71,7 +71,10 @@ class LoadLIDCd(MapTransform):
     """
 
     def __init__(
-        self, image_key: str = "image", label_key: str = "label", annotations_key: str = "annotations",
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        annotations_key: str = "annotations",
         threshold: int = LIDC_MASK_THRESHOLD,
     ) -> None:
         super().__init__([image_key, label_key])
@@ -96,8 +99,9 @@ class LoadLIDCd(MapTransform):
             mask = read_thresholded_mask(ref, self.threshold)
             if mask.shape != image.shape:
                 raise DataFormatError(
-                    ref, f"mask size {mask.shape[0]}x{mask.shape[1]} differs from image {image_ref} size "
-                    f"{image.shape[0]}x{image.shape[1]}"
+                    ref,
+                    f"mask size {mask.shape[0]}x{mask.shape[1]} differs from image {image_ref} size "
+                    f"{image.shape[0]}x{image.shape[1]}",
                 )
             masks.append(mask)
         return image, masks
@@ -159,8 +163,12 @@ class SelectAnnotatord(MapTransform):
     """
 
     def __init__(
-        self, annotations_key: str = "annotations", label_key: str = "label", mode: str | int = "majority",
-        foreground_threshold: float = 0.0, values: tuple[float, float] = (0.0, 1.0),
+        self,
+        annotations_key: str = "annotations",
+        label_key: str = "label",
+        mode: str | int = "majority",
+        foreground_threshold: float = 0.0,
+        values: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__([annotations_key])
         if not (mode in ("majority", "first") or isinstance(mode, int)):

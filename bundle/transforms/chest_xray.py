@@ -90,7 +90,10 @@ class LoadLungMaskd(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection = "label", image_key: str = "image", threshold: float = 127,
+        self,
+        keys: KeysCollection = "label",
+        image_key: str = "image",
+        threshold: float = 127,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -107,8 +110,9 @@ class LoadLungMaskd(MapTransform):
             if image is not None and hasattr(image, "shape") and tuple(image.shape[-2:]) != mask.shape:
                 name = getattr(image, "meta", {}).get("filename_or_obj", "the image")
                 raise DataFormatError(
-                    paths[0], f"mask size {mask.shape[0]}x{mask.shape[1]} (HxW) differs from image {name} size "
-                    f"{image.shape[-2]}x{image.shape[-1]}"
+                    paths[0],
+                    f"mask size {mask.shape[0]}x{mask.shape[1]} (HxW) differs from image {name} size "
+                    f"{image.shape[-2]}x{image.shape[-1]}",
                 )
             meta = {"filename_or_obj": paths[0], "spatial_shape": np.asarray(mask.shape), "original_channel_dim": 0}
             d[key] = MetaTensor(torch.from_numpy(mask[None].astype(np.float32)), meta=meta)

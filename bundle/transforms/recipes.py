@@ -99,8 +99,13 @@ class RandIsotropicAffined(RandAffined):
     ) -> None:
         rotate_range = math.radians(float(rotate_degrees))
         super().__init__(
-            keys, spatial_size=spatial_size, prob=prob, rotate_range=rotate_range, mode=mode,
-            padding_mode=padding_mode, **kwargs,
+            keys,
+            spatial_size=spatial_size,
+            prob=prob,
+            rotate_range=rotate_range,
+            mode=mode,
+            padding_mode=padding_mode,
+            **kwargs,
         )
         if zoom_range is not None and not 0.0 < zoom_range[0] <= zoom_range[1]:
             raise ValueError(f"zoom_range must be (min, max) with 0 < min <= max, got {zoom_range}")
@@ -170,14 +175,21 @@ def cdal_monuseg_train_transform_lists(
     if rotate_degrees or scale_range is not None:
         random.append(
             RandIsotropicAffined(
-                keys=keys, rotate_degrees=rotate_degrees, zoom_range=scale_range, mode=("bilinear", "nearest"),
-                padding_mode="zeros", prob=1.0, spatial_size=(patch_size, patch_size), cache_grid=True,
+                keys=keys,
+                rotate_degrees=rotate_degrees,
+                zoom_range=scale_range,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                prob=1.0,
+                spatial_size=(patch_size, patch_size),
+                cache_grid=True,
             )
         )
     if jitter is not None:
         brightness, contrast, saturation, hue = jitter
-        random.append(RandColorJitterd(keys=image_key, brightness=brightness, contrast=contrast,
-                                       saturation=saturation, hue=hue))
+        random.append(
+            RandColorJitterd(keys=image_key, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+        )
     random += _normalise(image_key, label_key, mean, std)
     return deterministic, random
 
@@ -215,8 +227,16 @@ def cdal_monuseg_train_transforms(
         image_interp: ``Resized`` mode for the image (``"bilinear"``, ``"area"``, ...).
     """
     deterministic, random = cdal_monuseg_train_transform_lists(
-        image_size=image_size, patch_size=patch_size, mean=mean, std=std, rotate_degrees=rotate_degrees,
-        scale_range=scale_range, jitter=jitter, flips=flips, image_key=image_key, label_key=label_key,
+        image_size=image_size,
+        patch_size=patch_size,
+        mean=mean,
+        std=std,
+        rotate_degrees=rotate_degrees,
+        scale_range=scale_range,
+        jitter=jitter,
+        flips=flips,
+        image_key=image_key,
+        label_key=label_key,
         image_interp=image_interp,
     )
     return Compose(deterministic + random)

@@ -39,8 +39,12 @@ class CheckVolumePaird(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection = "label", image_key: str = "image", class_values: Sequence[int] = (0, 1, 2),
-        affine_tolerance: float = 1e-3, allow_missing_keys: bool = False,
+        self,
+        keys: KeysCollection = "label",
+        image_key: str = "image",
+        class_values: Sequence[int] = (0, 1, 2),
+        affine_tolerance: float = 1e-3,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
@@ -55,11 +59,17 @@ class CheckVolumePaird(MapTransform):
             label = d[key]
             name = _filename(label, str(key))
             if label.ndim != 4 or image.ndim != 4:
-                raise DataFormatError(name, f"expected channel-first 3-D volumes, got label shape "
-                                      f"{tuple(label.shape)} and image {image_name} shape {tuple(image.shape)}")
+                raise DataFormatError(
+                    name,
+                    f"expected channel-first 3-D volumes, got label shape "
+                    f"{tuple(label.shape)} and image {image_name} shape {tuple(image.shape)}",
+                )
             if tuple(label.shape[1:]) != tuple(image.shape[1:]):
-                raise DataFormatError(name, f"label shape {tuple(label.shape[1:])} differs from image {image_name} "
-                                      f"shape {tuple(image.shape[1:])}")
+                raise DataFormatError(
+                    name,
+                    f"label shape {tuple(label.shape[1:])} differs from image {image_name} "
+                    f"shape {tuple(image.shape[1:])}",
+                )
             if label.shape[0] != 1:
                 raise DataFormatError(name, f"label must have one channel of class values, got {label.shape[0]}")
             values = torch.unique(torch.as_tensor(label)).cpu().numpy()
@@ -144,14 +154,14 @@ class VoteArgmaxd(MapTransform):
             votes = (torch.as_tensor(pred) > self.threshold).float()
             winner = votes.argmax(dim=0, keepdim=True)  # first maximum: ties go to the lower class
             onehot = torch.zeros_like(votes).scatter_(0, winner, 1.0)
-            d[key] = _like(pred, onehot[self.first:])
+            d[key] = _like(pred, onehot[self.first :])
             if self.label_key is not None and self.label_key in d:
                 label = d[self.label_key]
                 if label.shape[0] != channels:
                     raise ValueError(f"label has {label.shape[0]} channels, prediction {channels}")
-                d[self.label_key] = _like(label, (torch.as_tensor(label) > 0).float()[self.first:])
+                d[self.label_key] = _like(label, (torch.as_tensor(label) > 0).float()[self.first :])
             if self.uncertainty_key is not None and self.uncertainty_key in d:
-                d[self.uncertainty_key] = d[self.uncertainty_key][self.first:]
+                d[self.uncertainty_key] = d[self.uncertainty_key][self.first :]
             if self.class_names is not None:
                 if len(self.class_names) != channels - self.first:
                     raise ValueError(f"{len(self.class_names)} class_names for {channels - self.first} channels")

@@ -42,7 +42,6 @@ class _PredictionWriterd(MapTransform):
         self.overwrite = as_bool(overwrite, "overwrite")
 
 
-
 class SaveMaskAndUncertaintyd(_PredictionWriterd):
     """Save ``mask`` (C, H, W) in {0, 1} and ``uncertainty`` (C, H, W) as PNGs named after the input image.
 
@@ -82,8 +81,12 @@ def onehot_to_label_map(onehot: torch.Tensor | np.ndarray, first_class: int = 1)
 
 
 def save_label_volume(
-    label_map: np.ndarray, affine: np.ndarray, reference_path: str | os.PathLike, output_path: str | os.PathLike,
-    overwrite: bool = False, dtype: type | np.dtype = np.uint8,
+    label_map: np.ndarray,
+    affine: np.ndarray,
+    reference_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: type | np.dtype = np.uint8,
 ) -> Path:
     """Write a label map computed in a reoriented space back in the voxel order of ``reference_path``.
 
@@ -163,6 +166,12 @@ class SaveVolumeAndUncertaintyd(_PredictionWriterd):
         save_label_volume(labels, affine, source, self.output_dir / "masks" / f"{stem}.nii.gz", self.overwrite)
         if self.uncertainty_key in d:
             unc = torch.as_tensor(d[self.uncertainty_key]).detach().cpu().float().amax(0).numpy()
-            save_label_volume(unc, affine, source, self.output_dir / "uncertainty" / f"{stem}.nii.gz", self.overwrite,
-                              dtype=np.float32)
+            save_label_volume(
+                unc,
+                affine,
+                source,
+                self.output_dir / "uncertainty" / f"{stem}.nii.gz",
+                self.overwrite,
+                dtype=np.float32,
+            )
         return d

@@ -102,7 +102,9 @@ class EnsembleBundleInferTask(BundleInferTask):
         except MONAILabelException:
             raise
         except Exception as err:  # noqa: BLE001 - the reader's own error, with the file and the model named
-            raise _invalid(f"model '{self.model_name}' cannot read {image} as a {self.dimension}-D image: {err}") from err
+            raise _invalid(
+                f"model '{self.model_name}' cannot read {image} as a {self.dimension}-D image: {err}"
+            ) from err
         loaded = data.get(self.input_key)
         if loaded is None or not hasattr(loaded, "ndim"):
             raise _invalid(f"model '{self.model_name}': no image was loaded from {image}")
@@ -149,7 +151,9 @@ class EnsembleBundleInferTask(BundleInferTask):
             else:
                 u_file = self._save_volume(u, data, _temp_file(".nii.gz"), np.float32)
             result["uncertainty"] = {
-                "file": u_file, "mean": float(u.mean()), "max": float(u.max()),
+                "file": u_file,
+                "mean": float(u.mean()),
+                "max": float(u.max()),
                 "fraction_above_0.1": float((u > 0.1).mean()),
                 "definition": "standard deviation of the generations' foreground probabilities per pixel",
             }

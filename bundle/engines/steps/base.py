@@ -33,7 +33,7 @@ class TrainingStep(ABC):
     optimizer_names: tuple[str, ...] = ("network",)
     loss_keys: tuple[str, ...] = ("loss",)
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: Any) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called once by the trainer that runs this step (for steps that need engine events)."""
 
     @abstractmethod

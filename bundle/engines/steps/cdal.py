@@ -83,8 +83,12 @@ class CDALStep(TrainingStep):
             loss_fake = F.softplus(disc(x_pos, index, x_next).float()).mean()
         loss_d = loss_real + loss_fake + r1
         self.update(engine, "discriminator", loss_d)
-        return {"loss_d": loss_d.detach(), "loss_d_real": loss_real.detach(), "loss_d_fake": loss_fake.detach(),
-                "r1": r1.detach()}
+        return {
+            "loss_d": loss_d.detach(),
+            "loss_d_real": loss_real.detach(),
+            "loss_d_fake": loss_fake.detach(),
+            "r1": r1.detach(),
+        }
 
     def generator_update(self, engine: Any, image: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         gen, disc = engine.networks["generator"], engine.networks["discriminator"]

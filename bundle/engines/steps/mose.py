@@ -47,8 +47,9 @@ class MoSEStep(TrainingStep):
             return (label > 0).float()[:, None]
         value = torch.as_tensor(value).to(label.device)
         if value.ndim != label.ndim:
-            raise ValueError(f"annotations must be (B, M, *spatial) like the label {tuple(label.shape)}, got "
-                             f"{tuple(value.shape)}")
+            raise ValueError(
+                f"annotations must be (B, M, *spatial) like the label {tuple(label.shape)}, got {tuple(value.shape)}"
+            )
         return (value > 0).float()[:, :, None]
 
     def __call__(self, engine: Any, image: torch.Tensor, label: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -56,8 +57,12 @@ class MoSEStep(TrainingStep):
         num_samples = int(unwrap_network(network).num_experts) * self.samples_per_expert
         with engine.autocast():
             drawn = network(image, num_samples=num_samples, mode="weighted")
-        terms = self.loss_function(drawn["probabilities"].float(), drawn["weights"].float(),
-                                   self.annotations(batch, label))
+        terms = self.loss_function(
+            drawn["probabilities"].float(), drawn["weights"].float(), self.annotations(batch, label)
+        )
         self.update(engine, "network", terms["loss"])
-        return {"loss": terms["loss"].detach(), "loss_seg": terms["loss_seg"].detach(),
-                "loss_kl": terms["loss_kl"].detach()}
+        return {
+            "loss": terms["loss"].detach(),
+            "loss_seg": terms["loss_seg"].detach(),
+            "loss_kl": terms["loss_kl"].detach(),
+        }
