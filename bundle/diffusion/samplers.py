@@ -56,6 +56,8 @@ class DiffusionSampler(Sampler):
         self.timesteps = spaced_timesteps(self.num_train_timesteps, num_steps)
         if eta is None and len(self.timesteps) != self.num_train_timesteps:
             raise ValueError(f"{num_steps} of {self.num_train_timesteps} steps needs DDIM: give eta (0 to 1)")
+        for index, prev_index in zip(self.timesteps, self.timesteps[1:] + [-1]):
+            self.step.scalars(index, prev_index)  # the chain's schedule terms as floats, before any tracing
 
     def encode(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         encoder = network if hasattr(network, "encode_image") else unwrap_network(network)

@@ -81,6 +81,7 @@ class ReverseStep:
         self.num_train_timesteps = len(alphas_cumprod)
         # abar at index -1 (the clean label) is 1: the table is shifted by one
         self._abar = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod])
+        self._scalars: dict[tuple[int, int], tuple[float, ...]] = {}
 
     # ------------------------------------------------------------------------------------------- the schedule
     def alpha_cumprod(self, index: int | torch.Tensor) -> torch.Tensor:
@@ -111,21 +112,48 @@ class ReverseStep:
         ancestral = torch.where(last, torch.zeros_like(ancestral), ancestral)
         return coef_x0, coef_xt, posterior, ancestral
 
+    def scalars(self, index: int, prev_index: int) -> tuple[float, ...]:
+        """(abar_t, abar_s, coef_x0, coef_xt, posterior, ancestral) of one step as Python floats, cached.
+
+        A sampling chain (one time index for the whole batch) uses these, so its graph holds no tensor-valued
+        branches: TorchScript tracing and ``torch.export`` see only the arithmetic on the samples.
+        ``DiffusionSampler`` fills the cache for its chain when it is built.
+        """
+        key = (int(index), int(prev_index))
+        if key not in self._scalars:
+            abar_t, abar_s = self.alpha_cumprod(key[0]), self.alpha_cumprod(key[1])
+            terms = (abar_t, abar_s, *self.coefficients(*key))
+            self._scalars[key] = tuple(float(v) for v in terms)
+        return self._scalars[key]
+
+    def _terms(self, index: int | torch.Tensor, prev_index: int | torch.Tensor, like: torch.Tensor) -> tuple:
+        """The step's schedule terms: floats for one index per batch, per-sample tensors like ``like`` otherwise."""
+        if isinstance(index, int) and isinstance(prev_index, int):
+            return self.scalars(index, prev_index)
+        terms = (self.alpha_cumprod(index), self.alpha_cumprod(prev_index), *self.coefficients(index, prev_index))
+        return tuple(_like(v, like) for v in terms)
+
     # ------------------------------------------------------------------------------------------ the step
     def predicted_x0(
-        self, output: torch.Tensor, x_t: torch.Tensor, index: int | torch.Tensor
+        self,
+        output: torch.Tensor,
+        x_t: torch.Tensor,
+        index: int | torch.Tensor,
+        abar: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) from the network output at time index ``index``; x0_hat clipped if ``clip_x0``."""
-        abar = _like(self.alpha_cumprod(index), x_t)
+        if abar is None:
+            abar = self.scalars(index, -1)[0] if isinstance(index, int) else _like(self.alpha_cumprod(index), x_t)
+        signal, noise = abar**0.5, (1.0 - abar) ** 0.5
         if self.prediction_type == "sample":
             x0 = output
-            eps = (x_t - abar.sqrt() * x0) / (1.0 - abar).sqrt()
+            eps = (x_t - signal * x0) / noise
         elif self.prediction_type == "epsilon":
             eps = output
-            x0 = (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+            x0 = (x_t - noise * eps) / signal
         else:  # v_prediction
-            x0 = abar.sqrt() * x_t - (1.0 - abar).sqrt() * output
-            eps = (1.0 - abar).sqrt() * x_t + abar.sqrt() * output
+            x0 = signal * x_t - noise * output
+            eps = noise * x_t + signal * output
         if self.clip_x0:
             x0 = x0.clamp(*self.clip_range)
         return x0, eps
@@ -147,19 +175,21 @@ class ReverseStep:
         ``noise`` may be None only where no noise is added (``needs_noise``); rows whose ``prev_index`` is -1
         get none whatever is passed.
         """
-        x0, eps = self.predicted_x0(output, x_t, index)
-        coef_x0, coef_xt, posterior, ancestral = (_like(c, x_t) for c in self.coefficients(index, prev_index))
+        abar_t, abar_s, coef_x0, coef_xt, posterior, ancestral = self._terms(index, prev_index, x_t)
+        x0, eps = self.predicted_x0(output, x_t, index, abar_t)
         if self.eta is None:
             mean = coef_x0 * x0 + coef_xt * x_t
             variance = ancestral
         else:
             variance = self.eta**2 * posterior
-            abar_s = _like(self.alpha_cumprod(prev_index), x_t)
-            mean = abar_s.sqrt() * x0 + (1.0 - abar_s - variance).clamp(min=0).sqrt() * eps
-        if bool((variance > 0).any()):
+            direction = 1.0 - abar_s - variance
+            direction = max(direction, 0.0) if isinstance(direction, float) else direction.clamp(min=0)
+            mean = abar_s**0.5 * x0 + direction**0.5 * eps
+        adds_noise = variance > 0 if isinstance(variance, float) else bool((variance > 0).any())
+        if adds_noise:
             if noise is None:
                 raise ValueError(f"the step from time index {index} to {prev_index} needs noise")
-            mean = mean + variance.sqrt() * noise
+            mean = mean + variance**0.5 * noise
         return mean
 
 

@@ -303,8 +303,8 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).transpose(-1, -2)
-        q, k, v = qkv.unbind(dim=1)  # each (B, HW, C)
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, 1, channels, height * width).transpose(-1, -2)
+        q, k, v = qkv.unbind(dim=1)  # each (B, 1 head, HW, C): the 4-D form every exporter (ONNX) supports
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(-1, -2).reshape(batch, channels, height, width)
         return (x + self.proj_out(h)) * _INV_SQRT2
