@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
-from workflow_matrix import CONFIGS
+from workflow_matrix import CONFIGS, TINY_METHOD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 META = CONFIGS / "metadata.json"
@@ -43,26 +43,6 @@ FORMAT_KEYS = (
     "is_patch_data",
     "channel_def",
 )
-# tiny networks for the exports (the shapes and the maths are those of the CPU profiles)
-TINY = {
-    "cdal": {
-        "network_def#num_channels": 8,
-        "network_def#channel_mult": [1, 2],
-        "network_def#nz": 4,
-        "network_def#z_emb_dim": 8,
-        "network_def#cond_enc_layers": 1,
-    },
-    "segdiff": {
-        "network_def#channel_mult": [1, 1],
-        "network_def#attention_resolutions": [],
-        "network_def#rrdb_features": 8,
-        "network_def#rrdb_growth": 4,
-        "network_def#num_heads": 1,
-        "sampling_steps": 3,
-        "num_timesteps": 20,
-        "beta_schedule": "paper",
-    },
-}
 
 
 def test_metadata_is_on_the_current_schema_with_every_required_key():
@@ -127,11 +107,11 @@ def test_the_deployable_segmenter_passes_the_zoo_shape_check():
 
 
 def _deployable(tmp_path: Path, method: str):
-    """The inference composition of ``method`` with tiny networks, its deployable module and a model.pt."""
+    """The inference composition of ``method`` with the matrix test's tiny networks, its deployable module and a
+    model.pt."""
     parser = ConfigParser()
-    files = [CONFIGS / "inference.yaml"] + ([CONFIGS / "methods" / f"{method}.yaml"] if method != "cdal" else [])
-    parser.read_config([str(f) for f in files])
-    for key, value in {**TINY[method], "bundle_root": str(tmp_path), "num_generations": 3}.items():
+    parser.read_config([str(CONFIGS / "inference.yaml"), str(CONFIGS / "methods" / f"{method}.yaml")])
+    for key, value in {**TINY_METHOD[method], "bundle_root": str(tmp_path), "num_generations": 3}.items():
         parser[key] = value
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")

@@ -6,7 +6,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from bundle.diffusion.schedules import ForwardDiffusion, make_cdal_scheduler
-from bundle.diffusion.steps import ReverseStep, posterior_coefficients
+from bundle.diffusion.steps import ReverseStep
 
 VECTORS = {
     2: {
@@ -26,6 +26,13 @@ VECTORS = {
 }
 
 
+def posterior_coefficients(scheduler):
+    """(coef_x0, coef_xt, variance) of every consecutive step, float32 (T,) each, as the reference lists them."""
+    index = torch.arange(len(scheduler.alphas_cumprod))
+    coef_x0, coef_xt, posterior, _ = ReverseStep(scheduler).coefficients(index, index - 1)
+    return coef_x0.float(), coef_xt.float(), posterior.float()
+
+
 @pytest.mark.parametrize("steps", [2, 4])
 def test_schedule_and_posterior_match_reference(steps):
     ref = VECTORS[steps]
@@ -34,23 +41,23 @@ def test_schedule_and_posterior_match_reference(steps):
     torch.testing.assert_close(scheduler.betas, torch.tensor(ref["betas"]), atol=1e-6, rtol=0)
     sqrt_abar = torch.cat([torch.ones(1), scheduler.alphas_cumprod.sqrt()])
     torch.testing.assert_close(sqrt_abar, torch.tensor(ref["sqrt_abar"]), atol=1e-6, rtol=0)
-    post = posterior_coefficients(scheduler)
-    torch.testing.assert_close(post.coef_x0, torch.tensor(ref["coef1"]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(post.coef_xt, torch.tensor(ref["coef2"]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(post.variance, torch.tensor(ref["var"]), atol=1e-6, rtol=0)
+    coef_x0, coef_xt, variance = posterior_coefficients(scheduler)
+    torch.testing.assert_close(coef_x0, torch.tensor(ref["coef1"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(coef_xt, torch.tensor(ref["coef2"]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(variance, torch.tensor(ref["var"]), atol=1e-6, rtol=0)
 
 
 def test_monai_step_is_the_cdal_posterior_step():
     """DDPMScheduler(prediction_type='sample') with the registered schedule takes the same step as the posterior."""
     scheduler = make_cdal_scheduler(4)
     assert isinstance(scheduler, DDPMScheduler)
-    post = posterior_coefficients(scheduler)
+    coef_x0, coef_xt, variance = posterior_coefficients(scheduler)
     x0_hat, x = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
     for i in range(4):
         g = torch.Generator().manual_seed(i)
         monai_next, monai_x0 = scheduler.step(x0_hat, i, x, generator=g)
         noise = torch.randn(x0_hat.shape, generator=torch.Generator().manual_seed(i)) if i > 0 else 0
-        ours = post.coef_x0[i] * x0_hat + post.coef_xt[i] * x + post.variance[i].sqrt() * noise
+        ours = coef_x0[i] * x0_hat + coef_xt[i] * x + variance[i].sqrt() * noise
         torch.testing.assert_close(monai_next, ours, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(monai_x0, x0_hat)
     last, _ = scheduler.step(x0_hat, 0, x)

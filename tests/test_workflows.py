@@ -26,6 +26,7 @@ from bundle.transforms.io import LoadInstanceMaskd, LoadTiled
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SMALL_DATA = "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=12, num_test=3, size=256, seed=0)"
+EVAL_ARGS = ["--dataset_root", SMALL_DATA, "--num_generations", "3", "--eval_subset", "test"]
 SHORT = [
     "--dataset_root",
     SMALL_DATA,
@@ -162,17 +163,7 @@ def test_resume_restores_epoch_and_optimizer_state(trained, tmp_path):
 
 
 def test_evaluation_writes_per_image_csv_and_summary(trained):
-    run_bundle(
-        "evaluating",
-        ["train.yaml", "evaluate.yaml"],
-        trained,
-        "--dataset_root",
-        SMALL_DATA,
-        "--num_generations",
-        "3",
-        "--eval_subset",
-        "test",
-    )
+    run_bundle("evaluating", ["train.yaml", "evaluate.yaml"], trained, *EVAL_ARGS)
     out = trained / "eval" / "evaluation_synthetic_test"
     rows = list(csv.DictReader(open(out / "metrics_per_image.csv")))
     assert [Path(r["image"]).name for r in rows] == [f"synth_test_{i:03d}.tif" for i in range(3)]
@@ -187,18 +178,7 @@ def test_evaluation_writes_per_image_csv_and_summary(trained):
     seen = {d["image"] for d in datalist["training"] + datalist["validation"]}
     assert not seen & {d["image"] for d in datalist["test"]}
     # results are not silently replaced
-    again = run_bundle(
-        "evaluating",
-        ["train.yaml", "evaluate.yaml"],
-        trained,
-        "--dataset_root",
-        SMALL_DATA,
-        "--num_generations",
-        "3",
-        "--eval_subset",
-        "test",
-        check=False,
-    )
+    again = run_bundle("evaluating", ["train.yaml", "evaluate.yaml"], trained, *EVAL_ARGS, check=False)
     assert again.returncode != 0 and "metrics_per_image.csv" in again.stderr
 
 

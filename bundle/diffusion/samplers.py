@@ -16,7 +16,7 @@ reference). Samples in [-1, 1] are returned as foreground probabilities clamp((x
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.schedulers import Scheduler
@@ -26,7 +26,7 @@ from bundle.diffusion.steps import ReverseStep, spaced_timesteps
 from bundle.inferers.samplers import Sampler, SampleRows
 from bundle.runtime import randn_rows, unwrap_network
 
-__all__ = ["DiffusionSampler", "UncachedImageNetwork", "make_sampler", "samples_to_probability"]
+__all__ = ["DiffusionSampler", "UncachedImageNetwork", "latent_size", "make_sampler", "samples_to_probability"]
 
 SAMPLING_METHODS = ("ancestral", "ddpm", "ddim")
 
@@ -81,20 +81,45 @@ class DiffusionSampler(Sampler):
         label_shape: Sequence[int],
         generators: Sequence[torch.Generator],
     ) -> torch.Tensor:
-        """Label samples (R, *label_shape), about [-1, 1], for R = len(generators) rows of image features."""
+        """Label samples (R, *label_shape), about [-1, 1], for R = len(generators) rows of image features; every
+        draw of row r (x_T, then per step the latent and the step noise) from ``generators[r]``."""
         rows = len(generators)
         if condition.shape[0] not in (1, rows):
             raise ValueError(f"condition has {condition.shape[0]} rows for {rows} generators")
-        latent = getattr(network, "nz", None) or getattr(unwrap_network(network), "nz", None)
-        x = randn_rows(generators, label_shape, condition)
-        previous = self.timesteps[1:] + [-1]
-        for index, prev_index in zip(self.timesteps, previous):
-            t = torch.full((rows,), index, dtype=torch.long, device=condition.device)
-            inputs = (x, t) if latent is None else (x, t, randn_rows(generators, (int(latent),), condition))
+        latent = latent_size(network)
+        return self.run_chain(
+            network,
+            condition,
+            randn_rows(generators, label_shape, condition),
+            latent_noise=None if latent is None else lambda k: randn_rows(generators, (latent,), condition),
+            step_noise=lambda k: randn_rows(generators, label_shape, condition),
+        )
+
+    def run_chain(
+        self,
+        network: nn.Module,
+        condition: torch.Tensor,
+        x: torch.Tensor,
+        latent_noise: Callable[[int], torch.Tensor] | None,
+        step_noise: Callable[[int], torch.Tensor],
+    ) -> torch.Tensor:
+        """The reverse chain from x_T = ``x`` (R, C, *spatial): at step k, ``latent_noise(k)`` (R, nz) for networks
+        with a latent input (None otherwise) and ``step_noise(k)`` like x where the step adds noise. The noise
+        source is the caller's: per-row generators (``chain``) or fixed buffers (the deployable segmenter)."""
+        rows = x.shape[0]
+        for k, (index, prev_index) in enumerate(zip(self.timesteps, self.timesteps[1:] + [-1])):
+            t = torch.full((rows,), index, dtype=torch.long, device=x.device)
+            inputs = (x, t) if latent_noise is None else (x, t, latent_noise(k))
             output = network(*inputs, image_features=condition).to(x.dtype)
-            noise = randn_rows(generators, label_shape, condition) if self.step.needs_noise(prev_index) else None
+            noise = step_noise(k) if self.step.needs_noise(prev_index) else None
             x = self.step(output, index, prev_index, x, noise)
         return x
+
+
+def latent_size(network: nn.Module) -> int | None:
+    """The size of a network's latent input (its ``nz``), or None for networks without one."""
+    latent = getattr(network, "nz", None) or getattr(unwrap_network(network), "nz", None)
+    return None if latent is None else int(latent)
 
 
 class UncachedImageNetwork(nn.Module):

@@ -25,12 +25,10 @@ noise is added. Indices are Python ints (one for the whole batch) or long tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from monai.networks.schedulers import Scheduler
 
-__all__ = ["ReverseStep", "PosteriorCoefficients", "posterior_coefficients", "spaced_timesteps"]
+__all__ = ["ReverseStep", "spaced_timesteps"]
 
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -135,15 +133,10 @@ class ReverseStep:
 
     # ------------------------------------------------------------------------------------------ the step
     def predicted_x0(
-        self,
-        output: torch.Tensor,
-        x_t: torch.Tensor,
-        index: int | torch.Tensor,
-        abar: float | torch.Tensor | None = None,
+        self, output: torch.Tensor, x_t: torch.Tensor, abar: float | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0_hat, eps_hat) from the network output at time index ``index``; x0_hat clipped if ``clip_x0``."""
-        if abar is None:
-            abar = self.scalars(index, -1)[0] if isinstance(index, int) else _like(self.alpha_cumprod(index), x_t)
+        """(x0_hat, eps_hat) from the network output at signal level ``abar`` (a float, or per-sample values
+        broadcastable over x_t); x0_hat clipped if ``clip_x0``."""
         signal, noise = abar**0.5, (1.0 - abar) ** 0.5
         if self.prediction_type == "sample":
             x0 = output
@@ -176,7 +169,7 @@ class ReverseStep:
         get none whatever is passed.
         """
         abar_t, abar_s, coef_x0, coef_xt, posterior, ancestral = self._terms(index, prev_index, x_t)
-        x0, eps = self.predicted_x0(output, x_t, index, abar_t)
+        x0, eps = self.predicted_x0(output, x_t, abar_t)
         if self.eta is None:
             mean = coef_x0 * x0 + coef_xt * x_t
             variance = ancestral
@@ -197,24 +190,3 @@ def _like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample float64 coefficients (B,) or a scalar, as ``like``'s dtype/device, broadcastable over it."""
     values = values.to(device=like.device, dtype=like.dtype)
     return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim == 1 else values
-
-
-@dataclass(frozen=True)
-class PosteriorCoefficients:
-    """Coefficients of q(x_i | x_{i+1}, x_0) = N(coef_x0 x_0 + coef_xt x_{i+1}, variance), each float32 (T,).
-
-    ``variance`` is the posterior variance clipped below at 1e-20; ``variance[0]`` is exactly 0, so the last step
-    returns the network's x0 prediction.
-    """
-
-    coef_x0: torch.Tensor
-    coef_xt: torch.Tensor
-    variance: torch.Tensor
-
-
-def posterior_coefficients(scheduler: Scheduler) -> PosteriorCoefficients:
-    """The consecutive-step posterior coefficients of a scheduler's schedule (``ReverseStep.coefficients``)."""
-    index = torch.arange(len(scheduler.alphas_cumprod))
-    coef_x0, coef_xt, posterior, _ = ReverseStep(scheduler, eta=1.0).coefficients(index, index - 1)
-    variance = torch.where(index == 0, torch.zeros_like(posterior), posterior.clamp(min=1e-20))
-    return PosteriorCoefficients(coef_x0.float(), coef_xt.float(), variance.float())

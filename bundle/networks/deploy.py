@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bundle.diffusion.samplers import DiffusionSampler, samples_to_probability
+from bundle.diffusion.samplers import DiffusionSampler, latent_size, samples_to_probability
 
 __all__ = ["DeployableDiffusionSegmenter"]
 
@@ -68,8 +68,8 @@ class DeployableDiffusionSegmenter(nn.Module):
         generator = torch.Generator().manual_seed(int(seed))
         self.register_buffer("initial_noise", torch.randn(shape, generator=generator), persistent=False)
         self.register_buffer("step_noise", torch.randn((steps, *shape), generator=generator), persistent=False)
-        latent = getattr(network, "nz", None)
-        latents = torch.randn((steps, self.num_generations, int(latent)), generator=generator) if latent else None
+        latent = latent_size(network)
+        latents = None if latent is None else torch.randn((steps, self.num_generations, latent), generator=generator)
         self.register_buffer("latents", latents, persistent=False)
 
     def _rows(self, noise: torch.Tensor, batch: int) -> torch.Tensor:
@@ -81,18 +81,14 @@ class DeployableDiffusionSegmenter(nn.Module):
         batch, n = image.shape[0], self.num_generations
         if tuple(image.shape[2:]) != self.image_size:
             raise ValueError(f"this segmenter takes {self.image_size} windows, got {tuple(image.shape[2:])}")
-        network = self._network
-        condition = network.encode_image(image).repeat_interleave(n, dim=0)
-        x = self._rows(self.initial_noise, batch)
-        timesteps = self.sampler.timesteps
-        for k, (index, prev_index) in enumerate(zip(timesteps, timesteps[1:] + [-1])):
-            t = torch.full((batch * n,), index, dtype=torch.long, device=image.device)
-            if self.latents is None:
-                output = network(x, t, image_features=condition)
-            else:
-                output = network(x, t, self._rows(self.latents[k], batch), image_features=condition)
-            noise = self._rows(self.step_noise[k], batch) if self.sampler.step.needs_noise(prev_index) else None
-            x = self.sampler.step(output.to(x.dtype), index, prev_index, x, noise)
+        condition = self._network.encode_image(image).repeat_interleave(n, dim=0)
+        x = self.sampler.run_chain(
+            self._network,
+            condition,
+            self._rows(self.initial_noise, batch),
+            latent_noise=None if self.latents is None else lambda k: self._rows(self.latents[k], batch),
+            step_noise=lambda k: self._rows(self.step_noise[k], batch),
+        )
         probs = samples_to_probability(x).reshape(batch, n, self.label_channels, *self.image_size)
         mean = probs.mean(dim=1)
         uncertainty = (probs - mean[:, None]).pow(2).mean(dim=1).sqrt()
