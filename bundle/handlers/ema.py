@@ -41,6 +41,10 @@ class ExponentialMovingAverage:
         ema_network: a plain network of the same architecture receiving the average (gradients are disabled on
             it).
         decay: EMA decay in [0, 1] (SegDiff: 0.9999); 0 makes the EMA a copy of the latest weights.
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` at update n (TensorFlow's ``num_updates`` rule), so the
+            average spans about the last tenth of the iterations early on instead of holding the initial weights
+            for ~1 / (1 - decay) iterations; a short CPU run then validates a trained EMA from its first
+            validation.
         start_equal: copy ``network``'s parameters and buffers into ``ema_network`` now. Under DDP this makes
             every rank's EMA start from the same (rank 0's) weights even where the ranks built their networks
             from different seeds. A resumed run then loads both networks from the checkpoint.
@@ -50,7 +54,12 @@ class ExponentialMovingAverage:
     """
 
     def __init__(
-        self, network: nn.Module, ema_network: nn.Module, decay: float = 0.9999, start_equal: bool = True
+        self,
+        network: nn.Module,
+        ema_network: nn.Module,
+        decay: float = 0.9999,
+        start_equal: bool = True,
+        warmup: bool = False,
     ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
@@ -65,8 +74,8 @@ class ExponentialMovingAverage:
         self.module = module
         self.ema_network = ema_network.requires_grad_(False)
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.num_updates = 0
-        self._average = get_ema_multi_avg_fn(self.decay)
         if start_equal:
             self.copy_weights()
 
@@ -82,13 +91,19 @@ class ExponentialMovingAverage:
         for ema_buffer, buffer in zip(self.ema_network.buffers(), self.module.buffers()):
             ema_buffer.copy_(buffer)
 
+    def current_decay(self) -> float:
+        """The decay of the next update: ``decay``, or its warm-up value (class docstring)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
+
     @torch.no_grad()
     def update(self) -> None:
         """Move the EMA parameters towards the trained ones and copy the buffers (e.g. norm statistics)."""
         ema_params = list(self.ema_network.parameters())
         if ema_params:
             params = [p.detach().to(e.device) for p, e in zip(self.module.parameters(), ema_params)]
-            self._average(ema_params, params, self.num_updates)
+            get_ema_multi_avg_fn(self.current_decay())(ema_params, params, self.num_updates)
         self._copy_buffers()
         self.num_updates += 1
 

@@ -16,7 +16,8 @@ U-Net or MoSE, or the one prediction of a deterministic U-Net. For every method:
 - one tiling rule: 2-D images larger (or smaller) than ``roi_size`` go through MONAI's ``SlidingWindowInferer``
   (MoNuSeg protocol: a 512x512 image as four non-overlapping 256x256 tiles); 3-D volumes (B, C, H, W, D) go
   slice by slice along ``slice_axis`` through MONAI's ``SliceInferer`` with 2-D windows of ``roi_size`` and
-  ``overlap`` (the cDAL Hippocampus protocol: axial 32x32 windows, overlap 0.75), overlapping windows averaged.
+  ``overlap`` (the cDAL Hippocampus protocol: axial 32x32 windows, overlap 0.75), overlapping windows averaged;
+  a 3-D network (a 3-D ``roi_size`` without ``slice_axis``) sees 3-D windows of the volume, the same way.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ class EnsembleInferer(Inferer):
         outputs: names from ``("mean", "uncertainty", "samples", "weights")``; one name returns a tensor, several a
             dict. ``samples`` is (B, N * C, *spatial), generation-major; ``weights`` (B, N) the samples' weights
             (uniform 1 / N unless the sampler weighs them, as MoSE's weighted form; whole-image inference only).
-        roi_size: the 2-D window (None: whole 2-D images in one pass; whole slices for volumes).
+        roi_size: the 2-D window (None: whole 2-D images in one pass; whole slices for volumes), or a 3-D window
+            (H, W, D) for a 3-D network on volumes (``slice_axis`` None).
         sw_batch_size: windows per network batch (each runs N rows).
         overlap: window overlap (0 for the MoNuSeg protocol, 0.75 for the Hippocampus slices).
         slice_axis: axis among the spatial axes (H, W, D) = (0, 1, 2) along which a volume is cut into 2-D slices
-            (2 = axial for LPI/RAS volumes); None: volumes are refused (2-D models only).
+            (2 = axial for LPI/RAS volumes); None: volumes are refused unless ``roi_size`` is 3-D.
         label_channels: label channels C, when the network has no ``label_channels`` attribute.
         generation_batch_size: most rows (image x generation) per sampler call; None: all at once.
         seed: seed of the noise (see the module docstring); None: torch's global random stream.
@@ -85,8 +87,11 @@ class EnsembleInferer(Inferer):
             raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_KEYS}, got {self.outputs}")
         if roi_size is not None:
             roi_size = [int(roi_size)] * 2 if isinstance(roi_size, int) else [int(s) for s in roi_size]
-            if len(roi_size) != 2:
-                raise ValueError(f"roi_size must be a 2-D window (H, W), got {roi_size}")
+            if len(roi_size) not in (2, 3) or (len(roi_size) == 3 and slice_axis is not None):
+                raise ValueError(
+                    f"roi_size must be a 2-D window (H, W), or a 3-D window (H, W, D) for a 3-D network without "
+                    f"slice_axis; got {roi_size} with slice_axis {slice_axis}"
+                )
         self.roi_size = roi_size
         self.sw_batch_size = int(sw_batch_size)
         self.overlap = float(overlap)
@@ -133,6 +138,8 @@ class EnsembleInferer(Inferer):
         if isinstance(inputs, MetaTensor):  # per-row slicing must not split batched metadata
             inputs = inputs.as_tensor()
         run = partial(self.ensemble, network=network, stream=stream)
+        if inputs.ndim == 5 and self.roi_size is not None and len(self.roi_size) == 3:
+            return self._windows(inputs, run)  # a 3-D network: 3-D windows
         if inputs.ndim == 5:
             if self.slice_axis is None:
                 raise ValueError(
@@ -151,6 +158,12 @@ class EnsembleInferer(Inferer):
             return slicer(inputs, run)
         if inputs.ndim != 4:
             raise ValueError(f"expected images (B, C, H, W) or volumes (B, C, H, W, D), got {tuple(inputs.shape)}")
+        if self.roi_size is not None and len(self.roi_size) == 3:
+            raise ValueError(f"a 3-D window {self.roi_size} needs volumes (B, C, H, W, D), got {tuple(inputs.shape)}")
+        return self._windows(inputs, run)
+
+    def _windows(self, inputs: torch.Tensor, run: Any) -> torch.Tensor | dict:
+        """Whole images (volumes) in one pass when they are the window's size, else MONAI's sliding window."""
         if self.roi_size is None or list(inputs.shape[2:]) == self.roi_size:
             return run(inputs)
         self._refuse_tiled_weights()

@@ -83,18 +83,20 @@ class DeterministicSampler(Sampler):
     so the uncertainty is 0 and the distribution metrics see a deterministic model.
 
     Args:
-        activation: ``"sigmoid"`` (independent label channels, the bundle's convention) or ``"softmax"`` (channel 0
-            is background and is dropped).
+        activation: ``"sigmoid"`` (independent label channels), ``"softmax"`` (the label channels are exclusive
+            one-hot classes with background, e.g. Hippocampus: softmax over all of them, all kept) or ``"auto"``
+            (sigmoid for one label channel, softmax for more; the bundle's convention, as MoSE's).
     """
 
-    def __init__(self, activation: str = "sigmoid") -> None:
-        if activation not in ("sigmoid", "softmax"):
-            raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    def __init__(self, activation: str = "auto") -> None:
+        if activation not in ("sigmoid", "softmax", "auto"):
+            raise ValueError(f"activation must be 'sigmoid', 'softmax' or 'auto', got {activation!r}")
         self.activation = activation
 
     def encode(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         logits = torch.as_tensor(network(images)).float()
-        return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=1)[:, 1:]
+        softmax = self.activation == "softmax" or (self.activation == "auto" and logits.shape[1] > 1)
+        return torch.softmax(logits, dim=1) if softmax else torch.sigmoid(logits)
 
     def sample(self, network, condition, label_shape, generators, generation, num_generations) -> SampleRows:
         return condition, None

@@ -1,7 +1,8 @@
 """Building blocks shared by the diffusion networks (NCSN++/DDGAN family used by cDAL).
 
 Everything here is per-sample (GroupNorm, no BatchNorm), so a batch of N inputs gives the same result as N
-single calls. Initialisation follows the score-SDE/DDGAN code: ``variance_scaling(scale, "fan_avg", "uniform")``
+single calls. Every block takes ``spatial_dims`` (2, the papers' networks, or 3 for volumes); the 3-D forms use
+the same layers with 3-D convolutions and the separable FIR kernel in three axes, and keep the 2-D parameter names. Initialisation follows the score-SDE/DDGAN code: ``variance_scaling(scale, "fan_avg", "uniform")``
 (Xavier-uniform with gain sqrt(scale)) for convolutions and dense layers, zero biases, and exact zeros where the
 reference uses ``init_scale=0`` (last conv of each residual branch, attention output, network heads).
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "conv_nd",
     "sinusoidal_timestep_embedding",
     "TimestepEmbedding",
     "LatentMappingNetwork",
@@ -38,14 +40,41 @@ def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return nn.init.xavier_uniform_(weight, gain=math.sqrt(scale))
 
 
-def conv2d(in_channels: int, out_channels: int, kernel_size: int, init_scale: float = 1.0, **kwargs) -> nn.Conv2d:
-    """``nn.Conv2d`` ('same' padding unless given) with variance-scaling weights and a zero bias."""
+def conv_nd(
+    in_channels: int, out_channels: int, kernel_size: int, init_scale: float = 1.0, spatial_dims: int = 2, **kwargs
+) -> nn.Module:
+    """``nn.Conv2d`` / ``nn.Conv3d`` ('same' padding unless given), variance-scaling weights and a zero bias."""
     kwargs.setdefault("padding", kernel_size // 2)
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, **kwargs)
+    conv = _conv_type(spatial_dims)(in_channels, out_channels, kernel_size, **kwargs)
     variance_scaling_(conv.weight, init_scale)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     return conv
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, init_scale: float = 1.0, **kwargs) -> nn.Module:
+    """:func:`conv_nd` in 2-D."""
+    return conv_nd(in_channels, out_channels, kernel_size, init_scale, 2, **kwargs)
+
+
+def require_2d(network: str, spatial_dims: int) -> None:
+    """Refuse ``spatial_dims`` other than 2 for a network that exists in 2-D only, naming what is 3-D."""
+    if int(spatial_dims) != 2:
+        raise ValueError(
+            f"{network} is a 2-D network (spatial_dims 2), got spatial_dims {spatial_dims}; the 3-D variants are "
+            "cdal and unet (--spatial_dims 3), and every slice-wise method takes 2.5-D context (--context_slices k)"
+        )
+
+
+def _conv_type(spatial_dims: int) -> type[nn.Module]:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, C) -> (B, C, 1, ...) broadcastable against ``like`` (B, C, *spatial)."""
+    return values.reshape(*values.shape, *([1] * (like.ndim - values.ndim)))
 
 
 def dense(in_features: int, out_features: int, init_scale: float = 1.0) -> nn.Linear:
@@ -158,17 +187,27 @@ class AdaptiveGroupNorm(nn.Module):
             self.style.bias[num_channels:] = 0.0
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), style (B, style_dim) -> (B, C, H, W)."""
-        gamma, beta = self.style(style)[:, :, None, None].chunk(2, dim=1)
+        """x (B, C, *spatial), style (B, style_dim) -> (B, C, *spatial)."""
+        gamma, beta = _expand(self.style(style), x).chunk(2, dim=1)
         return gamma * self.norm(x) + beta
 
 
-def _fir_kernel(taps: tuple[float, ...]) -> torch.Tensor:
+def _fir_kernel(taps: tuple[float, ...], spatial_dims: int = 2) -> torch.Tensor:
     if len(taps) % 2 != 0:
         raise ValueError(f"FIR taps must have even length, got {taps}")
-    k = torch.tensor(taps, dtype=torch.float32)
-    k = torch.outer(k, k)
+    k1 = torch.tensor(taps, dtype=torch.float32)
+    k = k1
+    for _ in range(spatial_dims - 1):
+        k = k[..., None] * k1
     return k / k.sum()
+
+
+def _depthwise(x: torch.Tensor, kernel: torch.Tensor, transpose: bool = False, **kwargs) -> torch.Tensor:
+    """The FIR ``kernel`` (1, 1, *k) applied to every channel of ``x`` (B, C, *spatial) on its own."""
+    channels, dims = x.shape[1], x.ndim - 2
+    weight = kernel.to(x.dtype).expand(channels, 1, *kernel.shape[2:])
+    op = getattr(F, f"conv_transpose{dims}d" if transpose else f"conv{dims}d")
+    return op(x, weight, groups=channels, **kwargs)
 
 
 class FIRDownsample(nn.Module):
@@ -177,7 +216,7 @@ class FIRDownsample(nn.Module):
     Without a conv: depthwise blur with stride 2. With a conv (``with_conv=True``, score-SDE
     ``conv_downsample_2d``): blur at full resolution, then a 3x3 stride-2 conv in_channels -> out_channels.
 
-    Input (B, C, H, W) -> (B, C_out, H/2, W/2) for even H, W.
+    Input (B, C, H, W) -> (B, C_out, H/2, W/2) for even H, W (and D with ``spatial_dims=3``).
     """
 
     def __init__(
@@ -186,21 +225,22 @@ class FIRDownsample(nn.Module):
         out_channels: int | None = None,
         with_conv: bool = False,
         taps: tuple[float, ...] = FIR_TAPS,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.register_buffer("kernel", _fir_kernel(taps).flip(0, 1)[None, None], persistent=False)
-        self.conv: nn.Conv2d | None = None
+        kernel = _fir_kernel(taps, spatial_dims).flip(tuple(range(spatial_dims)))
+        self.register_buffer("kernel", kernel[None, None], persistent=False)
+        self.conv: nn.Module | None = None
         if with_conv:
             if in_channels is None:
                 raise ValueError("FIRDownsample(with_conv=True) needs in_channels")
-            self.conv = conv2d(in_channels, out_channels or in_channels, 3, stride=2, padding=0)
+            self.conv = conv_nd(in_channels, out_channels or in_channels, 3, 1.0, spatial_dims, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels, taps = x.shape[1], self.kernel.shape[-1]
-        weight = self.kernel.to(x.dtype).expand(channels, 1, taps, taps)
+        taps = self.kernel.shape[-1]
         if self.conv is None:
-            return F.conv2d(x, weight, stride=2, padding=(taps - 2) // 2, groups=channels)
-        return self.conv(F.conv2d(x, weight, padding=taps // 2, groups=channels))
+            return _depthwise(x, self.kernel, stride=2, padding=(taps - 2) // 2)
+        return self.conv(_depthwise(x, self.kernel, padding=taps // 2))
 
 
 class FIRUpsample(nn.Module):
@@ -209,7 +249,7 @@ class FIRUpsample(nn.Module):
     The upsampling is a depthwise transposed convolution with the kernel scaled by 4 (gain 1). With
     ``with_conv=True`` a 3x3 conv in_channels -> out_channels follows (score-SDE fuses the two; unused by cDAL).
 
-    Input (B, C, H, W) -> (B, C_out, 2H, 2W).
+    Input (B, C, H, W) -> (B, C_out, 2H, 2W) (and 2D with ``spatial_dims=3``, the kernel scaled by 8).
     """
 
     def __init__(
@@ -218,19 +258,19 @@ class FIRUpsample(nn.Module):
         out_channels: int | None = None,
         with_conv: bool = False,
         taps: tuple[float, ...] = FIR_TAPS,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.register_buffer("kernel", (_fir_kernel(taps) * 4.0)[None, None], persistent=False)
-        self.conv: nn.Conv2d | None = None
+        self.register_buffer("kernel", (_fir_kernel(taps, spatial_dims) * 2.0**spatial_dims)[None, None], False)
+        self.conv: nn.Module | None = None
         if with_conv:
             if in_channels is None:
                 raise ValueError("FIRUpsample(with_conv=True) needs in_channels")
-            self.conv = conv2d(in_channels, out_channels or in_channels, 3)
+            self.conv = conv_nd(in_channels, out_channels or in_channels, 3, 1.0, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels, taps = x.shape[1], self.kernel.shape[-1]
-        weight = self.kernel.to(x.dtype).expand(channels, 1, taps, taps)
-        x = F.conv_transpose2d(x, weight, stride=2, padding=(taps - 2) // 2, groups=channels)
+        taps = self.kernel.shape[-1]
+        x = _depthwise(x, self.kernel, transpose=True, stride=2, padding=(taps - 2) // 2)
         return x if self.conv is None else self.conv(x)
 
 
@@ -247,6 +287,7 @@ class BigGANResBlock(nn.Module):
         zemb_dim: size of the latent embedding.
         up / down: FIR-upsample or downsample by 2 inside the block.
         dropout: dropout probability before the last conv.
+        spatial_dims: 2 or 3.
     """
 
     def __init__(
@@ -259,26 +300,31 @@ class BigGANResBlock(nn.Module):
         up: bool = False,
         down: bool = False,
         dropout: float = 0.0,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if up and down:
             raise ValueError("BigGANResBlock cannot both upsample and downsample")
         out_channels = out_channels or in_channels
+        dims = spatial_dims
         self.norm_0 = AdaptiveGroupNorm(in_channels, zemb_dim)
-        self.conv_0 = conv2d(in_channels, out_channels, 3)
+        self.conv_0 = conv_nd(in_channels, out_channels, 3, spatial_dims=dims)
         self.temb_proj = dense(temb_dim, out_channels)
         self.norm_1 = AdaptiveGroupNorm(out_channels, zemb_dim)
         self.dropout = nn.Dropout(dropout)
-        self.conv_1 = conv2d(out_channels, out_channels, 3, init_scale=0.0)
-        self.resample: nn.Module | None = FIRUpsample() if up else FIRDownsample() if down else None
-        self.skip = conv2d(in_channels, out_channels, 1) if (in_channels != out_channels or up or down) else None
+        self.conv_1 = conv_nd(out_channels, out_channels, 3, init_scale=0.0, spatial_dims=dims)
+        self.resample: nn.Module | None = (
+            FIRUpsample(spatial_dims=dims) if up else FIRDownsample(spatial_dims=dims) if down else None
+        )
+        resampled = in_channels != out_channels or up or down
+        self.skip = conv_nd(in_channels, out_channels, 1, spatial_dims=dims) if resampled else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, zemb: torch.Tensor) -> torch.Tensor:
-        """x (B, C_in, H, W), temb (B, temb_dim), zemb (B, zemb_dim) -> (B, C_out, H', W')."""
+        """x (B, C_in, *spatial), temb (B, temb_dim), zemb (B, zemb_dim) -> (B, C_out, *spatial')."""
         h = F.silu(self.norm_0(x, zemb))
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
-        h = self.conv_0(h) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv_0(h) + _expand(self.temb_proj(F.silu(temb)), h)
         h = self.conv_1(self.dropout(F.silu(self.norm_1(h, zemb))))
         if self.skip is not None:
             x = self.skip(x)
@@ -289,24 +335,24 @@ class SelfAttention2d(nn.Module):
     """Single-head spatial self-attention (score-SDE ``AttnBlockpp`` with skip rescaling).
 
     GroupNorm(min(C/4, 32), eps 1e-6) -> q, k, v by 1x1 convs -> softmax(q k^T / sqrt C) v -> 1x1 conv (zero init);
-    out = (x + h) / sqrt 2. Input and output (B, C, H, W).
+    out = (x + h) / sqrt 2. Input and output (B, C, H, W) (or (B, C, H, W, D) with ``spatial_dims=3``).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, spatial_dims: int = 2) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(default_num_groups(channels), channels, eps=1e-6)
-        self.qkv = conv2d(channels, 3 * channels, 1)
+        self.qkv = conv_nd(channels, 3 * channels, 1, spatial_dims=spatial_dims)
         with torch.no_grad():  # q, k and v each initialised like the reference's NIN (scale 0.1)
             for weight in self.qkv.weight.chunk(3, dim=0):
                 variance_scaling_(weight, 0.1)
-        self.proj_out = conv2d(channels, channels, 1, init_scale=0.0)
+        self.proj_out = conv_nd(channels, channels, 1, init_scale=0.0, spatial_dims=spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3, 1, channels, height * width).transpose(-1, -2)
+        batch, channels, *spatial = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, 1, channels, -1).transpose(-1, -2)
         q, k, v = qkv.unbind(dim=1)  # each (B, 1 head, HW, C): the 4-D form every exporter (ONNX) supports
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(-1, -2).reshape(batch, channels, height, width)
+        h = h.transpose(-1, -2).reshape(batch, channels, *spatial)
         return (x + self.proj_out(h)) * _INV_SQRT2
 
 
@@ -314,20 +360,21 @@ class PlainResBlock(nn.Module):
     """Residual block without time or latent conditioning (cDAL image encoder, guided-diffusion style).
 
     GN -> SiLU -> conv3x3 -> GN -> SiLU -> dropout -> conv3x3 (zero init); identity skip (no rescaling).
-    GroupNorm uses 32 groups when C is a multiple of 32, else min(C/4, 32). Input and output (B, C, H, W).
+    GroupNorm uses 32 groups when C is a multiple of 32, else min(C/4, 32). Input and output (B, C, *spatial).
     """
 
-    def __init__(self, channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, channels: int, dropout: float = 0.0, spatial_dims: int = 2) -> None:
         super().__init__()
         groups = 32 if channels % 32 == 0 else default_num_groups(channels)
+        conv = _conv_type(spatial_dims)
         self.layers = nn.Sequential(
             nn.GroupNorm(groups, channels),
             nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            conv(channels, channels, 3, padding=1),
             nn.GroupNorm(groups, channels),
             nn.SiLU(),
             nn.Dropout(dropout),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            conv(channels, channels, 3, padding=1),
         )
         nn.init.zeros_(self.layers[-1].weight)
         nn.init.zeros_(self.layers[-1].bias)
@@ -345,23 +392,31 @@ class DownConvBlock(nn.Module):
         t_emb_dim: size of the (already activated) time embedding.
         downsample: halve the resolution.
         negative_slope: LeakyReLU slope (0.2).
+        spatial_dims: 2 or 3.
 
     Input (B, C_in, H, W), temb (B, t_emb_dim) -> (B, C_out, H/2, W/2) (or H, W without downsampling).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, t_emb_dim: int, downsample: bool = True, negative_slope: float = 0.2
+        self,
+        in_channels: int,
+        out_channels: int,
+        t_emb_dim: int,
+        downsample: bool = True,
+        negative_slope: float = 0.2,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        dims = spatial_dims
         self.act = nn.LeakyReLU(negative_slope)
-        self.conv_0 = conv2d(in_channels, out_channels, 3)
+        self.conv_0 = conv_nd(in_channels, out_channels, 3, spatial_dims=dims)
         self.temb_proj = dense(t_emb_dim, out_channels)
-        self.conv_1 = conv2d(out_channels, out_channels, 3, init_scale=0.0)
-        self.downsample = FIRDownsample() if downsample else None
-        self.skip = conv2d(in_channels, out_channels, 1, bias=False)
+        self.conv_1 = conv_nd(out_channels, out_channels, 3, init_scale=0.0, spatial_dims=dims)
+        self.downsample = FIRDownsample(spatial_dims=dims) if downsample else None
+        self.skip = conv_nd(in_channels, out_channels, 1, spatial_dims=dims, bias=False)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.conv_0(self.act(x)) + self.temb_proj(temb)[:, :, None, None])
+        h = self.act(self.conv_0(self.act(x)) + _expand(self.temb_proj(temb), x))
         if self.downsample is not None:
             h, x = self.downsample(h), self.downsample(x)
         return (self.conv_1(h) + self.skip(x)) * _INV_SQRT2

@@ -2,6 +2,10 @@
 
 Architecture of Hejrati/cDAL (``score_sde/models/ncsnpp_generator_adagn.py``, ``discriminator.py``); see
 METHODS.md section 1.3. Labels are in [-1, 1]; images are normalised intensities.
+
+``spatial_dims=3`` builds the same networks with 3-D convolutions for volume patches (B, C, H, W, D): the
+extension past the paper's 2-D slices (its stated limit). The discriminator's feature maps are then 3-D, and so
+is the attention map of the generator's loss (``bundle.engines.steps.cdal.attention_map``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from bundle.networks.blocks import (
     PlainResBlock,
     SelfAttention2d,
     TimestepEmbedding,
-    conv2d,
+    conv_nd,
     default_num_groups,
     dense,
 )
@@ -43,7 +47,7 @@ class CDALImageEncoder(nn.Sequential):
     """Image encoder G(I): conv3x3(image_channels -> nf) + num_layers x num_res_blocks ``PlainResBlock`` at full
     resolution, without time or latent conditioning.
 
-    Input (B, image_channels, H, W) -> (B, nf, H, W).
+    Input (B, image_channels, H, W) -> (B, nf, H, W) (or H, W, D with ``spatial_dims=3``).
     """
 
     def __init__(
@@ -53,9 +57,11 @@ class CDALImageEncoder(nn.Sequential):
         num_layers: int = 5,
         num_res_blocks: int = 1,
         dropout: float = 0.0,
+        spatial_dims: int = 2,
     ) -> None:
-        blocks = [PlainResBlock(num_channels, dropout) for _ in range(num_layers * num_res_blocks)]
-        super().__init__(nn.Conv2d(image_channels, num_channels, 3, padding=1), *blocks)
+        blocks = [PlainResBlock(num_channels, dropout, spatial_dims) for _ in range(num_layers * num_res_blocks)]
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        super().__init__(conv(image_channels, num_channels, 3, padding=1), *blocks)
 
 
 class CDALGenerator(nn.Module):
@@ -80,6 +86,8 @@ class CDALGenerator(nn.Module):
         dropout: dropout in the residual blocks.
         progressive_input: "residual" (FIR-conv-downsampled x_t pyramid summed at each downsampling, /sqrt 2)
             or "none".
+        spatial_dims: 2 (slices, images) or 3 (volume patches (B, C, H, W, D); attention is costly in 3-D: a
+            32^3 patch has 4096 positions at 16^3).
     """
 
     def __init__(
@@ -98,11 +106,15 @@ class CDALGenerator(nn.Module):
         n_mlp: int = 3,
         dropout: float = 0.0,
         progressive_input: str = "residual",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if progressive_input not in ("residual", "none"):
             raise ValueError(f"progressive_input must be 'residual' or 'none', got {progressive_input!r}")
-        nf, levels = num_channels, len(channel_mult)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        nf, levels, dims = num_channels, len(channel_mult), spatial_dims
+        self.spatial_dims = dims
         self.label_channels, self.image_channels, self.num_channels = label_channels, image_channels, nf
         self.nz, self.num_levels = nz, levels
         self.progressive_input = progressive_input
@@ -111,15 +123,19 @@ class CDALGenerator(nn.Module):
         temb_dim = 4 * nf
 
         def res_block(c_in: int, c_out: int | None = None, **kwargs) -> BigGANResBlock:
-            return BigGANResBlock(c_in, c_out, temb_dim=temb_dim, zemb_dim=z_emb_dim, dropout=dropout, **kwargs)
+            return BigGANResBlock(
+                c_in, c_out, temb_dim=temb_dim, zemb_dim=z_emb_dim, dropout=dropout, spatial_dims=dims, **kwargs
+            )
 
         def attention_or_identity(level: int, channels: int) -> nn.Module:
-            return SelfAttention2d(channels) if use_attention[level] else nn.Identity()
+            return SelfAttention2d(channels, dims) if use_attention[level] else nn.Identity()
 
         self.time_embedding = TimestepEmbedding(nf, temb_dim, temb_dim, nn.SiLU())
         self.latent_mapping = LatentMappingNetwork(nz, z_emb_dim, n_mlp)
-        self.image_encoder = CDALImageEncoder(image_channels, nf, cond_enc_layers, cond_enc_num_res_blocks, dropout)
-        self.input_conv = conv2d(label_channels, nf, 3)
+        self.image_encoder = CDALImageEncoder(
+            image_channels, nf, cond_enc_layers, cond_enc_num_res_blocks, dropout, spatial_dims=dims
+        )
+        self.input_conv = conv_nd(label_channels, nf, 3, spatial_dims=dims)
 
         # encoder path
         skip_channels, in_ch, pyramid_ch = [nf], nf, label_channels
@@ -137,12 +153,12 @@ class CDALGenerator(nn.Module):
             if level < levels - 1:
                 self.downsamplers.append(res_block(in_ch, down=True))
                 if progressive_input == "residual":
-                    self.pyramid_downsamplers.append(FIRDownsample(pyramid_ch, in_ch, with_conv=True))
+                    self.pyramid_downsamplers.append(FIRDownsample(pyramid_ch, in_ch, True, spatial_dims=dims))
                     pyramid_ch = in_ch
                 skip_channels.append(in_ch)
 
         self.mid_block_0 = res_block(in_ch)
-        self.mid_attention = SelfAttention2d(in_ch)
+        self.mid_attention = SelfAttention2d(in_ch, dims)
         self.mid_block_1 = res_block(in_ch)
 
         # decoder path (levels in reverse order)
@@ -158,26 +174,35 @@ class CDALGenerator(nn.Module):
                 self.upsamplers.append(res_block(in_ch, up=True))
 
         self.head_norm = nn.GroupNorm(default_num_groups(in_ch), in_ch, eps=1e-6)
-        self.head_conv = conv2d(in_ch, label_channels, 3, init_scale=0.0)
+        self.head_conv = conv_nd(in_ch, label_channels, 3, init_scale=0.0, spatial_dims=dims)
+
+    @property
+    def _axes(self) -> str:
+        return "H, W" if self.spatial_dims == 2 else "H, W, D"
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Image features to reuse across steps and generations: (B, image_channels, H, W) -> (B, nf, H, W)."""
-        if image.ndim != 4 or image.shape[1] != self.image_channels:
-            raise ValueError(f"image must be (B, {self.image_channels}, H, W), got shape {tuple(image.shape)}")
+        if image.ndim != 2 + self.spatial_dims or image.shape[1] != self.image_channels:
+            raise ValueError(f"image must be (B, {self.image_channels}, {self._axes}), got shape {tuple(image.shape)}")
         return self.image_encoder(image)
 
     def _check_inputs(self, x_t: torch.Tensor, z: torch.Tensor, features: torch.Tensor) -> None:
-        if x_t.ndim != 4 or x_t.shape[1] != self.label_channels:
-            raise ValueError(f"x_t must be (B, {self.label_channels}, H, W), got shape {tuple(x_t.shape)}")
+        if x_t.ndim != 2 + self.spatial_dims or x_t.shape[1] != self.label_channels:
+            raise ValueError(f"x_t must be (B, {self.label_channels}, {self._axes}), got shape {tuple(x_t.shape)}")
         factor = 2 ** (self.num_levels - 1)
-        if x_t.shape[2] % factor or x_t.shape[3] % factor:
-            raise ValueError(f"x_t height and width must be divisible by {factor}, got {tuple(x_t.shape[2:])}")
+        if any(size % factor for size in x_t.shape[2:]):
+            raise ValueError(f"x_t's {self._axes} must be divisible by {factor}, got {tuple(x_t.shape[2:])}")
         if z.shape != (x_t.shape[0], self.nz):
             raise ValueError(f"z must have shape ({x_t.shape[0]}, {self.nz}), got {tuple(z.shape)}")
         expected = (self.num_channels, *x_t.shape[2:])
-        if features.ndim != 4 or tuple(features.shape[1:]) != expected or features.shape[0] not in (1, x_t.shape[0]):
+        if (
+            features.ndim != x_t.ndim
+            or tuple(features.shape[1:]) != expected
+            or features.shape[0] not in (1, x_t.shape[0])
+        ):
+            shown = ", ".join(str(v) for v in expected)
             raise ValueError(
-                f"image features must be (B or 1, {expected[0]}, {expected[1]}, {expected[2]}) to match x_t "
+                f"image features must be (B or 1, {shown}) to match x_t "
                 f"{tuple(x_t.shape)}, got {tuple(features.shape)} (is the image the same size as the label?)"
             )
 
@@ -252,6 +277,7 @@ class CDALDiscriminator(nn.Module):
         channel_mult: output width (x ngf) of each DownConvBlock.
         downsample_first: whether the first block halves the resolution (False in ``Discriminator_small``).
         conv_init_std: std of the N(0, std) conv re-initialisation; None keeps the DDGAN variance-scaling init.
+        spatial_dims: 2 or 3 (pairs of label volumes (B, C, H, W, D); the feature maps are then 3-D).
     """
 
     stddev_group = 4
@@ -264,29 +290,35 @@ class CDALDiscriminator(nn.Module):
         channel_mult: Sequence[int] = (4, 8, 8, 8, 8, 8),
         downsample_first: bool = True,
         conv_init_std: float | None = 0.02,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.label_channels = label_channels
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.label_channels, self.spatial_dims = label_channels, spatial_dims
+        dims = spatial_dims
         self.act = nn.LeakyReLU(0.2)
         self.time_embedding = TimestepEmbedding(t_emb_dim, t_emb_dim, t_emb_dim, nn.LeakyReLU(0.2))
-        self.start_conv = conv2d(2 * label_channels, 2 * ngf, 1)
+        self.start_conv = conv_nd(2 * label_channels, 2 * ngf, 1, spatial_dims=dims)
         in_ch = 2 * ngf
         self.blocks = nn.ModuleList()
         for i, mult in enumerate(channel_mult):
-            self.blocks.append(DownConvBlock(in_ch, ngf * mult, t_emb_dim, downsample=downsample_first or i > 0))
+            down = downsample_first or i > 0
+            self.blocks.append(DownConvBlock(in_ch, ngf * mult, t_emb_dim, downsample=down, spatial_dims=dims))
             in_ch = ngf * mult
         self.num_downsamplings = len(channel_mult) - (0 if downsample_first else 1)
-        self.final_conv = conv2d(in_ch + 1, in_ch, 3)
+        self.final_conv = conv_nd(in_ch + 1, in_ch, 3, spatial_dims=dims)
         self.end_linear = dense(in_ch, 1)
         if conv_init_std is not None:
             for module in self.modules():
-                if isinstance(module, nn.Conv2d):
+                if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                     nn.init.normal_(module.weight, 0.0, conv_init_std)
 
     def _embed(self, x_t: torch.Tensor, t: torch.Tensor, x_tp1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x_t.ndim != 4 or x_t.shape[1] != self.label_channels or x_tp1.shape != x_t.shape:
+        if x_t.ndim != 2 + self.spatial_dims or x_t.shape[1] != self.label_channels or x_tp1.shape != x_t.shape:
+            axes = "H, W" if self.spatial_dims == 2 else "H, W, D"
             raise ValueError(
-                f"x_t and x_tp1 must both be (B, {self.label_channels}, H, W), got {tuple(x_t.shape)} and "
+                f"x_t and x_tp1 must both be (B, {self.label_channels}, {axes}), got {tuple(x_t.shape)} and "
                 f"{tuple(x_tp1.shape)}"
             )
         minimum = 2**self.num_downsamplings
@@ -311,15 +343,15 @@ class CDALDiscriminator(nn.Module):
         return features
 
     def _minibatch_stddev(self, h: torch.Tensor) -> torch.Tensor:
-        """Append one channel: the std over groups of samples (i, i + B/G, ...), averaged over C, H, W."""
-        batch, channels, height, width = h.shape
+        """Append one channel: the std over groups of samples (i, i + B/G, ...), averaged over C and space."""
+        batch, channels, *spatial = h.shape
         group = max(g for g in range(1, min(batch, self.stddev_group) + 1) if batch % g == 0)
-        std = torch.sqrt(h.reshape(group, -1, channels, height, width).var(0, unbiased=False) + 1e-8)
-        std = std.mean(dim=(1, 2, 3), keepdim=True).repeat(group, 1, height, width)
+        std = torch.sqrt(h.reshape(group, -1, channels, *spatial).var(0, unbiased=False) + 1e-8)
+        std = std.mean(dim=tuple(range(1, std.ndim)), keepdim=True).repeat(group, 1, *spatial)
         return torch.cat([h, std], dim=1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, x_tp1: torch.Tensor) -> torch.Tensor:
         """Real/fake logits (B, 1) for x_t (B, label_channels, H, W) given x_{t+1} (same shape) and t (B,)."""
         h = self.get_features(x_t, t, x_tp1)[-1]
         h = self.act(self.final_conv(self._minibatch_stddev(h)))
-        return self.end_linear(h.sum(dim=(2, 3)))
+        return self.end_linear(h.sum(dim=tuple(range(2, h.ndim))))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bundle.networks.blocks import require_2d
 from bundle.runtime import rand_rows, randn_rows
 
 __all__ = ["MoSEUNet", "ExpertGating", "NoiseInjector", "MixtureOfStochasticExperts", "SAMPLE_MODES"]
@@ -154,8 +155,10 @@ class MixtureOfStochasticExperts(nn.Module):
         num_experts: int = 4,
         latent_dim: int = 1,
         sample_chunk: int = 16,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        require_2d("MoSE", spatial_dims)
         if label_channels < 1:
             raise ValueError(f"label_channels must be >= 1, got {label_channels}")
         if len(num_channels) < 2:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
+from bundle.networks.blocks import require_2d
 from bundle.runtime import randn_rows
 
 __all__ = ["VGGEncoder", "AxisAlignedGaussianNet", "ProbabilisticUNet"]
@@ -98,8 +99,10 @@ class ProbabilisticUNet(nn.Module):
         convs_per_block: int = 3,
         posterior_shift: float = 0.5,
         sample_chunk: int = 16,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        require_2d("The Probabilistic U-Net", spatial_dims)
         if len(num_channels) < 2:
             raise ValueError(f"need at least two levels, got num_channels={tuple(num_channels)}")
         self.image_channels, self.label_channels, self.latent_dim = image_channels, label_channels, latent_dim

@@ -24,6 +24,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
+from bundle.networks.blocks import require_2d
 from bundle.networks.rrdb import RRDBEncoder
 
 __all__ = ["SegDiffNetwork", "CONDITIONING_MODES"]
@@ -67,8 +68,10 @@ class SegDiffNetwork(nn.Module):
         conditioning: str = "sum",
         norm_num_groups: int = 32,
         use_flash_attention: bool = True,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        require_2d("SegDiff", spatial_dims)
         if conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
         channels = [num_channels * m for m in channel_mult]

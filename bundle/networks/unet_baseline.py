@@ -26,6 +26,7 @@ class BaselineUNet(UNet):
         num_res_units: residual units per block.
         norm: normalisation (MONAI name).
         dropout: dropout probability.
+        spatial_dims: 2 (images, slices) or 3 (volume patches (B, C, H, W, D)).
     """
 
     def __init__(
@@ -37,9 +38,10 @@ class BaselineUNet(UNet):
         num_res_units: int = 2,
         norm: str = "batch",
         dropout: float = 0.0,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__(
-            spatial_dims=2,
+            spatial_dims=spatial_dims,
             in_channels=image_channels,
             out_channels=label_channels,
             channels=channels,

@@ -20,7 +20,15 @@ from monai.utils import CommonKeys
 
 from bundle.data.errors import DataFormatError
 
-__all__ = ["CheckVolumePaird", "volumes_to_slices", "slices_to_volumes", "prepare_slice_batch", "VoteArgmaxd"]
+__all__ = [
+    "CheckVolumePaird",
+    "neighbour_slices",
+    "StackNeighbourSlicesd",
+    "volumes_to_slices",
+    "slices_to_volumes",
+    "prepare_slice_batch",
+    "VoteArgmaxd",
+]
 
 
 def _filename(value: Any, fallback: str) -> str:
@@ -82,6 +90,59 @@ class CheckVolumePaird(MapTransform):
                 gap = float(np.abs(np.asarray(affines[0], float) - np.asarray(affines[1], float)).max())
                 if gap > self.affine_tolerance:
                     raise DataFormatError(name, f"affine differs from image {image_name} by up to {gap:.4g}")
+        return d
+
+
+def neighbour_slices(volume: torch.Tensor, context: int, axis: int = 2) -> torch.Tensor:
+    """2.5-D input: each slice with its ``context`` neighbours on either side as extra channels.
+
+    ``volume`` (C, *spatial) with slices along spatial ``axis`` -> (C * (2 * context + 1), *spatial), where
+    channel block j (j = 0..2 * context) at slice d holds slice ``clamp(d + j - context, 0, D - 1)``: the block
+    ``context`` is the volume itself, lower blocks the slices before, higher blocks the slices after, and the
+    first and last slices repeat past the volume's borders. ``context`` 0 returns the volume unchanged.
+    """
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    if context == 0:
+        return volume
+    if not 0 <= axis < volume.ndim - 1:
+        raise ValueError(f"slice axis {axis} is not a spatial axis of a volume of shape {tuple(volume.shape)}")
+    dim = axis + 1
+    depth = volume.shape[dim]
+    offsets = torch.arange(-context, context + 1, device=volume.device)
+    index = (torch.arange(depth, device=volume.device)[None, :] + offsets[:, None]).clamp(0, depth - 1)
+    blocks = [torch.index_select(torch.as_tensor(volume), dim, row) for row in index]
+    return torch.cat(blocks, dim=0)
+
+
+class StackNeighbourSlicesd(MapTransform):
+    """Dictionary form of :func:`neighbour_slices` (2.5-D context); the label is left alone (the centre slice).
+
+    Metadata (affine, applied operations) is kept, so ``Invertd`` of a prediction made from the stacked image
+    inverts the spatial transforms as for the single-channel image. Apply it after the intensity scaling, before
+    any crop, so that every slice's neighbours come from the whole volume.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", context: int = 0, axis: int = 2, allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        if int(context) < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
+        self.context, self.axis = int(context), int(axis)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.context:
+                value = d[key]
+                plain = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+                stacked = neighbour_slices(plain, self.context, self.axis)
+                if hasattr(value, "meta"):
+                    from monai.data import MetaTensor
+
+                    stacked = MetaTensor(
+                        stacked, meta=dict(value.meta), applied_operations=list(value.applied_operations)
+                    )
+                d[key] = stacked
         return d
 
 

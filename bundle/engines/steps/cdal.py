@@ -27,8 +27,10 @@ __all__ = ["CDALStep", "attention_map"]
 
 
 def attention_map(features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Spatial attention (B, 1, *size) from a discriminator feature map (B, K, h, w): channel mean, upsampled."""
-    return F.interpolate(features.mean(dim=1, keepdim=True), size=tuple(size), mode="bilinear", align_corners=False)
+    """Spatial attention (B, 1, *size) from a discriminator feature map (B, K, h, w) or (B, K, h, w, d): the
+    channel mean, bilinearly (trilinearly for 3-D networks) upsampled."""
+    mode = "bilinear" if features.ndim == 4 else "trilinear"
+    return F.interpolate(features.mean(dim=1, keepdim=True), size=tuple(size), mode=mode, align_corners=False)
 
 
 class CDALStep(TrainingStep):
