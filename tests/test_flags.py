@@ -61,3 +61,26 @@ def test_empty_training_loader_is_an_error_not_a_silent_run():
     EmptyEpochGuard().attach(engine)
     engine.run(torch.utils.data.DataLoader(list(range(3)), batch_size=2), max_epochs=2, epoch_length=3)
     assert len(ran) == 6
+
+
+def test_time_budget_stops_at_a_validation_epoch_within_the_budget():
+    import time
+
+    from ignite.engine import Engine
+
+    from bundle.handlers.guards import TrainingTimeBudget
+
+    def run(minutes, interval, max_epochs=200):
+        engine = Engine(lambda e, b: time.sleep(0.02))
+        guard = TrainingTimeBudget(minutes, interval=interval)
+        guard.attach(engine)
+        start = time.monotonic()
+        engine.run(range(5), max_epochs=max_epochs)  # 0.1 s per epoch: 20 s unguarded
+        return engine, guard, time.monotonic() - start
+
+    engine, guard, seconds = run(0.02, 2)  # a 1.2 s budget
+    assert guard.stopped_at is not None and guard.stopped_at % 2 == 0 and engine.state.epoch == guard.stopped_at
+    assert seconds < 1.2 + 0.1 and engine.state.metrics["train_minutes"] * 60 == pytest.approx(seconds, abs=0.1)
+    assert guard.stopped_at >= 6  # it used most of the budget
+    engine, guard, _ = run(None, 1, max_epochs=8)  # no budget: runs to max_epochs
+    assert guard.stopped_at is None and engine.state.epoch == 8

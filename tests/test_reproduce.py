@@ -175,3 +175,80 @@ def test_dry_run_composes_the_bundle_commands(tmp_path, capsys):
     assert positions == sorted(positions) and "--max_epochs 5" in train and "num_generations" not in train
     assert "run evaluating" in evaluate and evaluate.index("evaluate.yaml") < evaluate.index("methods/cdal.yaml")
     assert f"--eval_dir {tmp_path}/cdal/hippocampus/fold2/evaluation" in evaluate and "--num_generations 5" in evaluate
+
+
+def test_spread_over_images_and_timing_columns(results):
+    runs = [read_run(results / m / "cxr" / f"fold{k}", m, k) for m in ("cdal", "cdal_n1") for k in (0, 1)]
+    timings = {"cdal": {"train_minutes": 12.5, "seconds_per_image": 3.25}, "cdal_n1": {"train_minutes": 12.5}}
+    table = build_table(runs, "cxr", metrics=("dice",), spread="images", timings=timings)
+    pooled = np.concatenate([r.scores["dice"] for r in runs[:2]])
+    cell = table.cells[("cdal", "dice")]
+    assert cell.mean == pytest.approx(pooled.mean()) and cell.std == pytest.approx(np.std(pooled, ddof=1))
+    markdown, latex = format_markdown(table), format_latex(table)
+    assert "over the images (volumes) of folds 0, 1" in markdown
+    assert "| Method | Dice | Train (min) | s / image |" in markdown
+    assert f"| cdal | {pooled.mean():.3f} ± {np.std(pooled, ddof=1):.3f} | 12.5 | 3.2 |" in markdown
+    assert "| cdal_n1 |" in markdown and markdown.split("| cdal_n1 |")[1].split("\n")[0].endswith("| 12.5 | - |")
+    assert "Train (min) & s / image" in latex
+    with pytest.raises(ValueError, match="spread"):
+        build_table(runs, "cxr", spread="volumes")
+
+
+def test_engine_minutes_reads_the_bundle_log(tmp_path):
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log = tmp_path / "training.log"
+    log.write_text(
+        "2026-11-29 10:00:00,000 - ignite.engine.engine.SupervisedEvaluator - INFO - Engine run finished. "
+        "Time taken: 00:00:30.000\n"
+        "2026-11-29 10:10:00,000 - ignite.engine.engine.SegmentationTrainer - INFO - Engine run finished. "
+        "Time taken: 01:02:30.600\n"
+    )
+    assert module.engine_minutes(log, "SegmentationTrainer") == pytest.approx(62.51)
+    assert module.engine_minutes(log, "SupervisedEvaluator") == pytest.approx(0.5)
+    assert module.engine_minutes(tmp_path / "missing.log", "SegmentationTrainer") is None
+
+
+def test_dry_run_with_profiles_and_variants(tmp_path, capsys):
+    printed = _reproduce(
+        ["--methods", "cdal", "segdiff", "--variants", "2d", "2.5d", "3d", "--dataset", "hippocampus"]
+        + ["--folds", "0", "--results", str(tmp_path), "--profile", "--context_slices", "2", "--dry_run"],
+        capsys,
+    )
+    commands = [line for line in printed.splitlines() if line.startswith("$ ")]
+    trains = [c for c in commands if "run training" in c]
+    assert len(trains) == 5  # cdal 2d, 2.5d, 3d; segdiff 2d, 2.5d (no 3-D SegDiff)
+    assert "segdiff: no 3-D network" in printed
+    for command in commands:
+        assert command.index("datasets/hippocampus.yaml") < command.index("profiles/")
+    by_root = {c.split("--bundle_root ")[1].split()[0]: c for c in trains}
+    assert "--context_slices" not in by_root[f"{tmp_path}/cdal/hippocampus/fold0"]
+    assert "--context_slices 2" in by_root[f"{tmp_path}/cdal_2.5d/hippocampus/fold0"]
+    assert "--spatial_dims 3" in by_root[f"{tmp_path}/cdal_3d/hippocampus/fold0"]
+    assert "profiles/segdiff_hippocampus.yaml" in by_root[f"{tmp_path}/segdiff_2.5d/hippocampus/fold0"]
+
+
+@pytest.mark.parametrize("method", ["cdal", "segdiff", "unet"])
+def test_hippocampus_profiles_compose_for_every_variant(method):
+    from monai.bundle import ConfigParser
+
+    for variant in ({}, {"context_slices": 1}, {"spatial_dims": 3}):
+        if variant.get("spatial_dims") == 3 and method == "segdiff":
+            continue
+        parser = ConfigParser()
+        files = [
+            "train.yaml",
+            f"methods/{method}.yaml",
+            "datasets/hippocampus.yaml",
+            f"profiles/{method}_hippocampus.yaml",
+        ]
+        parser.read_config(_configs(*files))
+        for key, value in variant.items():
+            parser[key] = value
+        network = parser.get_parsed_content("network_def")
+        assert network.image_channels == 1 + 2 * variant.get("context_slices", 0)
+        assert parser.get_parsed_content("max_train_minutes") == 60
+        assert parser.get_parsed_content("val_fraction") == 0.1
+        dims = variant.get("spatial_dims", 2)
+        assert len(parser.get_parsed_content("roi_size")) == dims

@@ -7,7 +7,11 @@ class or ``<metric>_<class>`` per class). For every method and table column:
 - the fold score is the mean over that fold's images (a ``<metric>_mean`` column is first averaged over the
   classes of each image, as the writer's ``metric_mean`` summary);
 - the cell is the mean and the sample standard deviation (ddof = 1) of the fold scores; with one fold the std
-  is undefined and shown as "-".
+  is undefined and shown as "-". With ``spread="images"`` the cell is instead the mean and std (ddof = 1) over
+  all per-image scores pooled over the folds (mean +- std over volumes, for a single held-out fold).
+
+Optional per-method timings (``timings[method] = {"train_minutes": ..., "seconds_per_image": ...}``) become the
+table's last two columns.
 
 Paired t-tests (``scipy.stats.ttest_rel``) compare every other method with the first (reference) method, per
 column. ``pairing="image"`` (default) pairs the per-image scores of the same image file in the same fold, pooled
@@ -46,6 +50,8 @@ __all__ = [
 
 METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall"}
 PAIRINGS = ("image", "fold")
+SPREADS = ("folds", "images")
+TIMING_LABELS = {"train_minutes": "Train (min)", "seconds_per_image": "s / image"}
 PLUS_MINUS_TEX = r" \pm "
 
 
@@ -95,6 +101,12 @@ class ResultsTable:
     cells: dict[tuple[str, str], Cell]
     tests: list[PairedTest] = field(default_factory=list)
     pairing: str = "image"
+    spread: str = "folds"
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def timing_keys(self) -> list[str]:
+        """The timing columns present for at least one method, in a fixed order."""
+        return [k for k in TIMING_LABELS if any(k in t for t in self.timings.values())]
 
 
 def find_metrics_file(run_dir: str | os.PathLike) -> Path:
@@ -187,6 +199,8 @@ def build_table(
     dataset: str,
     metrics: Sequence[str] = ("dice", "iou", "precision", "recall"),
     pairing: str = "image",
+    spread: str = "folds",
+    timings: dict[str, dict[str, float]] | None = None,
 ) -> ResultsTable:
     """Aggregate runs (one per method and fold) into a :class:`ResultsTable`; the first method is the reference.
 
@@ -196,6 +210,8 @@ def build_table(
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
     if not runs:
         raise ValueError("no finished runs to tabulate")
     methods: list[str] = list(dict.fromkeys(r.method for r in runs))
@@ -216,10 +232,14 @@ def build_table(
     for method, method_runs in by_method.items():
         for key, _ in columns:
             fold_values = [float(np.nanmean(_per_image(r, key))) for r in method_runs]
+            mean = float(np.mean(fold_values))
             std = float(np.std(fold_values, ddof=1)) if len(fold_values) > 1 else math.nan
-            cells[(method, key)] = Cell(
-                float(np.mean(fold_values)), std, fold_values, sum(len(r.images) for r in method_runs)
-            )
+            if spread == "images":
+                pooled = np.concatenate([_per_image(r, key) for r in method_runs])
+                pooled = pooled[np.isfinite(pooled)]
+                mean = float(pooled.mean()) if len(pooled) else math.nan
+                std = float(np.std(pooled, ddof=1)) if len(pooled) > 1 else math.nan
+            cells[(method, key)] = Cell(mean, std, fold_values, sum(len(r.images) for r in method_runs))
     tests = []
     for other in methods[1:]:
         for key, _ in columns:
@@ -233,7 +253,8 @@ def build_table(
                 statistic = p_value = math.nan
             diff = float(np.mean(b - a)) if len(a) else math.nan
             tests.append(PairedTest(key, methods[0], other, diff, statistic, p_value, int(len(a)), pairing))
-    return ResultsTable(dataset, methods, folds, columns, cells, tests, pairing)
+    timings = {m: dict(v) for m, v in (timings or {}).items() if m in methods}
+    return ResultsTable(dataset, methods, folds, columns, cells, tests, pairing, spread, timings)
 
 
 def _value(x: float, digits: int = 3) -> str:
@@ -248,8 +269,16 @@ def _cell(cell: Cell, plus_minus: str) -> str:
     return _value(cell.mean) if not math.isfinite(cell.std) else f"{_value(cell.mean)}{plus_minus}{_value(cell.std)}"
 
 
+def _timing_values(table: ResultsTable, method: str) -> list[str]:
+    timing = table.timings.get(method, {})
+    return [_value(timing.get(k, math.nan), 1) for k in table.timing_keys()]
+
+
 def _caption(table: ResultsTable) -> str:
     folds = ", ".join(str(f) for f in table.folds)
+    if table.spread == "images":
+        where = f"fold {folds}" if len(table.folds) == 1 else f"folds {folds}"
+        return f"{table.dataset}: mean ± std (ddof 1) over the images (volumes) of {where}."
     if len(table.folds) == 1:
         return f"{table.dataset}: mean over the images of fold {folds} (one fold: no std over folds)."
     return f"{table.dataset}: mean ± std (ddof 1) over folds {folds} of the per-fold mean over images."
@@ -263,7 +292,7 @@ def _pairing_text(table: ResultsTable) -> str:
 
 def format_markdown(table: ResultsTable) -> str:
     """The table and its t-tests as GitHub Markdown."""
-    labels = [label for _, label in table.columns]
+    labels = [label for _, label in table.columns] + [TIMING_LABELS[k] for k in table.timing_keys()]
     lines = [
         f"**{_caption(table)}**",
         "",
@@ -272,6 +301,7 @@ def format_markdown(table: ResultsTable) -> str:
     ]
     for method in table.methods:
         values = [_cell(table.cells[(method, key)], " ± ") for key, _ in table.columns]
+        values += _timing_values(table, method)
         lines.append(f"| {method} | " + " | ".join(values) + " |")
     if table.tests:
         lines += [
@@ -295,7 +325,7 @@ def format_csv(table: ResultsTable) -> str:
     header = ["dataset", "method", "folds", "n_images"]
     for key, _ in table.columns:
         header += [f"{key}_mean", f"{key}_std", f"{key}_folds", f"{key}_p"]
-    header += ["compared_with", "pairing"]
+    header += [*table.timing_keys(), "compared_with", "pairing", "spread"]
     p_of = {(t.method_b, t.column): t.p_value for t in table.tests}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -313,7 +343,9 @@ def format_csv(table: ResultsTable) -> str:
                 "" if math.isnan(p) else f"{p:.6g}",
             ]
         compared = method != table.methods[0] and bool(table.tests)
-        row += [table.methods[0] if compared else "", table.pairing if compared else ""]
+        timing = table.timings.get(method, {})
+        row += ["" if k not in timing else f"{timing[k]:.3f}" for k in table.timing_keys()]
+        row += [table.methods[0] if compared else "", table.pairing if compared else "", table.spread]
         writer.writerow(row)
     return out.getvalue()
 
@@ -327,17 +359,19 @@ def _tex(text: str) -> str:
 def format_latex(table: ResultsTable) -> str:
     """A booktabs ``table`` environment; t-test p-values in a second tabular under it."""
     labels = [_tex(label) for _, label in table.columns]
+    timing_labels = [_tex(TIMING_LABELS[k]) for k in table.timing_keys()]
     lines = [
         r"\begin{table}[t]",
         r"\centering",
         f"\\caption{{{_tex(_caption(table))}}}",
-        r"\begin{tabular}{l" + "c" * len(labels) + "}",
+        r"\begin{tabular}{l" + "c" * (len(labels) + len(timing_labels)) + "}",
         r"\toprule",
-        "Method & " + " & ".join(labels) + r" \\",
+        "Method & " + " & ".join(labels + timing_labels) + r" \\",
         r"\midrule",
     ]
     for method in table.methods:
         values = ["$" + _cell(table.cells[(method, key)], PLUS_MINUS_TEX) + "$" for key, _ in table.columns]
+        values += _timing_values(table, method)
         lines.append(f"{_tex(method)} & " + " & ".join(values) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if table.tests:
@@ -401,6 +435,7 @@ def log_table_to_mlflow(
         "methods": ",".join(table.methods),
         "folds": ",".join(str(f) for f in table.folds),
         "pairing": table.pairing,
+        "spread": table.spread,
     }
     for key, value in params.items():
         client.log_param(run_id, key, value)
@@ -408,6 +443,10 @@ def log_table_to_mlflow(
         client.log_metric(run_id, f"{method}/{key}_mean", cell.mean)
         if math.isfinite(cell.std):
             client.log_metric(run_id, f"{method}/{key}_std", cell.std)
+    for method, timing in table.timings.items():
+        for key, value in timing.items():
+            if math.isfinite(value):
+                client.log_metric(run_id, f"{method}/{key}", value)
     for t in table.tests:
         if math.isfinite(t.p_value):
             client.log_metric(run_id, f"p/{t.method_b}_vs_{t.method_a}/{t.column}", t.p_value)
