@@ -24,6 +24,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 __all__ = [
+    "served_checkpoint",
     "TRUE",
     "FALSE",
     "as_bool",
@@ -134,3 +135,19 @@ def handler_list(*groups: Mapping[str, Any] | Sequence[Any] | None) -> list[Any]
         items = group.values() if isinstance(group, Mapping) else group
         out.extend(h for h in items if h is not None)
     return out
+
+
+def served_checkpoint(trained: str, pretrained: Mapping[str, str] | None = None, method: str | None = None) -> str:
+    """The weights inference serves: ``trained`` (the bundle's ``models/model.pt``) when it exists, else the
+    dataset's shipped weights for ``method`` (``pretrained[method]``, e.g. the Hippocampus cDAL under
+    ``pretrained/``), else ``trained`` again (the checkpoint loader then names the missing file)."""
+    import logging
+    import os
+
+    if os.path.isfile(trained):
+        return trained
+    shipped = (pretrained or {}).get(method) if method is not None else None
+    if shipped and os.path.isfile(shipped):
+        logging.getLogger("bundle").warning(f"{trained} does not exist: serving the shipped {method} weights {shipped}")
+        return shipped
+    return trained

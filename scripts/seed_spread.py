@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""How much a recipe swings: train each method's profile with several seeds and tabulate its validation Dice.
+
+For every method and seed this runs ``python -m monai.bundle run training`` (``configs/train.yaml`` + the method
+overlay + an optional dataset overlay and ``--config`` files, ``--seed <seed>``) in
+``<results>/<method>/seed<seed>/`` (a finished run, marked ``TRAINING_DONE``, is read as it is), then reads every
+validation of the run from its MLflow database (``val_dice`` by epoch) and writes
+``<results>/seed_spread.{md,csv,json}``:
+
+- per run: the best validation Dice (the saved model's), the last one, the drop from best to last, the epochs;
+- per method: mean, min and max over the seeds of the best Dice, their spread (max - min), and the largest drop
+  from a run's best to its later validations; a recipe "holds" when the spread is below ``--max_spread`` (0.05)
+  and no run falls more than ``--max_drop`` (0.03) after its best.
+
+    python scripts/seed_spread.py --methods cdal segdiff unet prob_unet mose --seeds 1 2 3 --results results/spread
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DONE_MARKER = "TRAINING_DONE"
+
+
+def _overrides(pairs: list[str]) -> list[str]:
+    args = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        args += [f"--{key}", value]
+    return args
+
+
+def validation_history(db: Path) -> list[tuple[int, float]]:
+    """(epoch, val_dice) of every validation logged in an MLflow SQLite database, in epoch order."""
+    if not db.is_file():
+        raise FileNotFoundError(f"{db}: no MLflow database (did the training run?)")
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select step, value from metrics where key = 'val_dice' order by step").fetchall()
+    history: dict[int, float] = {}
+    for step, value in rows:
+        history[int(step)] = float(value)
+    return sorted(history.items())
+
+
+def summarise_run(history: list[tuple[int, float]]) -> dict[str, float]:
+    """Best, last, the epoch of the best and the largest fall from the best to any later validation."""
+    if not history:
+        raise ValueError("no validation in the run")
+    values = [v for _, v in history]
+    best_index = max(range(len(values)), key=values.__getitem__)
+    later = values[best_index:]
+    return {
+        "best": values[best_index],
+        "best_epoch": history[best_index][0],
+        "last": values[-1],
+        "drop_after_best": values[best_index] - min(later),
+        "validations": len(values),
+    }
+
+
+def summarise_method(runs: dict[int, dict[str, float]], max_spread: float, max_drop: float) -> dict[str, float]:
+    bests = [r["best"] for r in runs.values()]
+    summary = {
+        "seeds": len(bests),
+        "mean": sum(bests) / len(bests),
+        "min": min(bests),
+        "max": max(bests),
+        "spread": max(bests) - min(bests),
+        "max_drop": max(r["drop_after_best"] for r in runs.values()),
+    }
+    summary["holds"] = bool(summary["spread"] < max_spread and summary["max_drop"] <= max_drop)
+    return summary
+
+
+def format_markdown(results: dict[str, dict], max_spread: float, max_drop: float) -> str:
+    lines = [
+        f"| method | seeds | best val Dice mean | min | max | spread (< {max_spread}) | largest drop after best "
+        f"(<= {max_drop}) | holds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, entry in results.items():
+        s = entry["summary"]
+        lines.append(
+            f"| {method} | {s['seeds']} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} | {s['spread']:.4f} | "
+            f"{s['max_drop']:.4f} | {'yes' if s['holds'] else 'no'} |"
+        )
+    lines += ["", "| method | seed | validations (epoch: Dice) | best | last |", "| --- | --- | --- | --- | --- |"]
+    for method, entry in results.items():
+        for seed, run in entry["runs"].items():
+            trace = ", ".join(f"{e}: {v:.3f}" for e, v in run["history"])
+            lines.append(f"| {method} | {seed} | {trace} | {run['best']:.4f} | {run['last']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(results: dict[str, dict]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["method", "seed", "best", "best_epoch", "last", "drop_after_best", "validations"])
+    for method, entry in results.items():
+        for seed, run in entry["runs"].items():
+            writer.writerow(
+                [method, seed] + [run[k] for k in ("best", "best_epoch", "last", "drop_after_best", "validations")]
+            )
+    return out.getvalue()
+
+
+def train(method: str, seed: int, root: Path, options: argparse.Namespace) -> None:
+    files = [REPO / "configs" / "train.yaml", REPO / "configs" / "methods" / f"{method}.yaml"]
+    if options.dataset:
+        files.append(REPO / "configs" / "datasets" / f"{options.dataset}.yaml")
+    files += [Path(c).absolute() for c in options.config]
+    config = "[" + ",".join(f"'{f}'" for f in files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
+    cmd += ["--bundle_root", str(root), "--seed", str(seed), "--tracking_uri", f"sqlite:///{root / 'mlruns.db'}"]
+    cmd += _overrides(options.set)
+    print("$ " + " ".join(cmd), flush=True)
+    if options.dry_run:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / "models" / "checkpoints" / "last.pt").is_file():
+        cmd += ["--resume", "true"]
+    start = time.time()
+    with open(root / "training.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    print(f"  {method} seed {seed}: {time.time() - start:.0f} s (exit {proc.returncode})", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"{method} seed {seed} failed; end of {root / 'training.log'}:\n"
+            + (root / "training.log").read_text()[-3000:]
+        )
+    (root / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--dataset", help="dataset overlay (default: train.yaml's built-in synthetic data)")
+    parser.add_argument("--config", nargs="*", default=[], help="further overlays, after the method and dataset")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--results", default="results/spread")
+    parser.add_argument("--max_spread", type=float, default=0.05)
+    parser.add_argument("--max_drop", type=float, default=0.03)
+    parser.add_argument("--tabulate_only", action="store_true")
+    parser.add_argument("--dry_run", action="store_true")
+    options = parser.parse_args(argv)
+    results_dir = Path(options.results).absolute()
+    results: dict[str, dict] = {}
+    for method in options.methods:
+        runs = {}
+        for seed in options.seeds:
+            root = results_dir / method / f"seed{seed}"
+            if not (root / DONE_MARKER).is_file():
+                if options.tabulate_only:
+                    raise SystemExit(f"{root}: no finished training ({DONE_MARKER}); run without --tabulate_only")
+                train(method, seed, root, options)
+            if options.dry_run:
+                continue
+            history = validation_history(root / "mlruns.db")
+            runs[seed] = {**summarise_run(history), "history": history}
+        if runs:
+            results[method] = {"runs": runs, "summary": summarise_method(runs, options.max_spread, options.max_drop)}
+    if options.dry_run:
+        return 0
+    results_dir.mkdir(parents=True, exist_ok=True)
+    markdown = format_markdown(results, options.max_spread, options.max_drop)
+    (results_dir / "seed_spread.md").write_text(markdown)
+    (results_dir / "seed_spread.csv").write_text(format_csv(results))
+    (results_dir / "seed_spread.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
