@@ -173,6 +173,34 @@ def export(
     return output
 
 
+def export_shipped(bundles_dir: str | Path, names: Sequence[str] | None = None) -> list[str]:
+    """Export the models the repository ships (``pretrained/<name>/model.pt`` + ``export.json`` with ``dataset``,
+    ``method_configs`` and ``set``) into ``bundles_dir/<name>`` where that folder does not exist yet; returns the
+    names exported. MONAI Label's app calls it at start-up, so a fresh clone serves them without training."""
+    shipped = REPO / "pretrained"
+    available = sorted(p.parent.name for p in shipped.glob("*/export.json"))
+    if names is not None:
+        unknown = sorted(set(names) - set(available))
+        if unknown:
+            raise ValueError(f"no shipped model {unknown} in {shipped} (available: {available})")
+        available = [n for n in available if n in names]
+    exported = []
+    for name in available:
+        target = Path(bundles_dir) / name
+        if target.exists():
+            continue
+        manifest = json.loads((shipped / name / "export.json").read_text())
+        export(
+            manifest["dataset"],
+            shipped / name / "model.pt",
+            target,
+            manifest.get("method_configs", []),
+            manifest.get("set", {}),
+        )
+        exported.append(name)
+    return exported
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))

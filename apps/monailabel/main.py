@@ -5,6 +5,10 @@ exported bundle (``scripts/export_monailabel_bundle.py``: ``configs/inference.ya
 ``models/model.pt``) becomes an infer model of the folder's name; those with ``configs/train.yaml`` can also be
 fine-tuned from the datastore's labelled images with MONAI Label's stock ``BundleTrainTask``.
 
+The weights the repository ships (``pretrained/<name>/`` with ``model.pt`` and ``export.json``, e.g. the
+Hippocampus cDAL) are exported into that folder at start-up when it has no bundle of that name, so a fresh clone
+serves a real model without training (``--conf pretrained false`` turns this off).
+
     monailabel start_server --app apps/monailabel --studies <images> --conf zoo_source github \\
         --host 127.0.0.1 --port 8000 [--conf bundles <exported bundles>] [--conf models a,b]
 
@@ -32,9 +36,28 @@ logger = logging.getLogger(__name__)
 UNCERTAINTY_TAG = "uncertainty"
 
 
+def export_shipped_models(bundles_dir: str) -> list[str]:
+    """Export every shipped model the folder lacks (``scripts/export_monailabel_bundle.py``'s ``export_shipped``)."""
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        "export_monailabel_bundle", os.path.join(repo, "scripts", "export_monailabel_bundle.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exported = module.export_shipped(bundles_dir)
+    for name in exported:
+        logger.info(f"exported the shipped model {name} into {os.path.join(bundles_dir, name)}")
+    return exported
+
+
 class DiffusionSegmentationApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.bundles_dir = os.path.abspath(conf.get("bundles") or os.path.join(app_dir, "model"))
+        if conf.get("pretrained", "true").lower() not in ("false", "0", "no", "off"):
+            os.makedirs(self.bundles_dir, exist_ok=True)
+            export_shipped_models(self.bundles_dir)
         found = (
             sorted(
                 d

@@ -271,7 +271,8 @@ def _cell(cell: Cell, plus_minus: str) -> str:
 
 def _timing_values(table: ResultsTable, method: str) -> list[str]:
     timing = table.timings.get(method, {})
-    return [_value(timing.get(k, math.nan), 1) for k in table.timing_keys()]
+    digits = {"train_minutes": 1, "seconds_per_image": 2}
+    return [_value(timing.get(k, math.nan), digits[k]) for k in table.timing_keys()]
 
 
 def _caption(table: ResultsTable) -> str:
