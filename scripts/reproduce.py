@@ -277,6 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1024, help="base seed of the repeats of fold-less datasets")
     parser.add_argument("--evaluate_only", action="store_true", help="evaluate existing models, never train")
     parser.add_argument("--tabulate_only", action="store_true", help="only read finished runs and tabulate")
+    parser.add_argument(
+        "--skip_missing", action="store_true", help="with --tabulate_only: leave out methods/variants not yet run"
+    )
     parser.add_argument("--tracking_uri", help="MLflow tracking URI (default: sqlite:///<results>/mlruns.db)")
     parser.add_argument("--dry_run", action="store_true", help="print the bundle commands, run nothing")
     return parser.parse_args(argv)
@@ -294,6 +297,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method}: no 3-D network (3-D variants: {', '.join(THREE_D_METHODS)}); skipped", flush=True)
                 continue
             label = _label(method, variant)
+            if options.tabulate_only and options.skip_missing:
+                missing = [
+                    k
+                    for k in options.folds
+                    if not (run_root(options, method, k, variant) / "evaluation" / "metrics_per_image.csv").is_file()
+                ]
+                if missing:
+                    print(f"{label}: no finished evaluation for folds {missing}; left out of the table", flush=True)
+                    continue
             labels.append(label)
             fold_timings = []
             for fold in options.folds:

@@ -252,3 +252,13 @@ def test_hippocampus_profiles_compose_for_every_variant(method):
         assert parser.get_parsed_content("val_fraction") == 0.1
         dims = variant.get("spatial_dims", 2)
         assert len(parser.get_parsed_content("roi_size")) == dims
+
+
+def test_tabulate_only_can_leave_out_unfinished_variants(results, capsys):
+    printed = _reproduce(
+        ["--methods", "cdal", "cdal_n1", "--variants", "2d", "2.5d", "--dataset", "cxr", "--folds", "0", "1"]
+        + ["--results", str(results), "--tabulate_only", "--skip_missing"],
+        capsys,
+    )
+    assert "cdal_2.5d: no finished evaluation for folds [0, 1]; left out of the table" in printed
+    assert "| cdal_n1 |" in printed and "| cdal_2.5d |" not in printed
