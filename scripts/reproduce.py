@@ -60,7 +60,7 @@ THREE_D_METHODS = ("cdal", "unet")
 _FINISHED = re.compile(r"(\w+) - INFO - Engine run finished\. Time taken: (\d+):(\d+):(\d+(?:\.\d+)?)")
 
 
-def _key_values(pairs: list[str]) -> list[str]:
+def cli_overrides(pairs: list[str]) -> list[str]:
     """``["a=1", "b#c=x"]`` -> ``["--a", "1", "--b#c", "x"]`` for the MONAI bundle CLI."""
     args = []
     for pair in pairs:
@@ -195,7 +195,7 @@ def run_fold(options: argparse.Namespace, method: str, fold: int, tracking_uri: 
         common += ["--dataset_dir", str(Path(options.dataset_dir).absolute())]
     common += ["--fold", str(fold)] if _has_folds(options.dataset) else ["--seed", str(options.seed + fold)]
     common += _variant_args(variant, options.context_slices)
-    common += _key_values(options.set)
+    common += cli_overrides(options.set)
     train_files = _config_files(method, options.dataset, options.paper, False, options.profile, variant)
     if not (root / DONE_MARKER).is_file() and not options.evaluate_only:
         resume = ["--resume", "true"] if (root / "models" / "checkpoints" / "last.pt").is_file() else []
@@ -209,7 +209,7 @@ def run_fold(options: argparse.Namespace, method: str, fold: int, tracking_uri: 
         "evaluating",
         _config_files(method, options.dataset, options.paper, True, options.profile, variant),
         root,
-        common + ["--eval_subset", options.eval_subset, "--eval_dir", str(eval_dir), *_key_values(options.eval_set)],
+        common + ["--eval_subset", options.eval_subset, "--eval_dir", str(eval_dir), *cli_overrides(options.eval_set)],
         "evaluating.log",
         options.dry_run,
     )

@@ -28,17 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DONE_MARKER = "TRAINING_DONE"
+sys.path.insert(0, str(REPO / "scripts"))
 
-
-def _overrides(pairs: list[str]) -> list[str]:
-    args = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        args += [f"--{key}", value]
-    return args
+from reproduce import DONE_MARKER, cli_overrides  # noqa: E402  (the same key=value rule and marker)
 
 
 def validation_history(db: Path) -> list[tuple[int, float]]:
@@ -123,7 +115,7 @@ def train(method: str, seed: int, root: Path, options: argparse.Namespace) -> No
     config = "[" + ",".join(f"'{f}'" for f in files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
     cmd += ["--bundle_root", str(root), "--seed", str(seed), "--tracking_uri", f"sqlite:///{root / 'mlruns.db'}"]
-    cmd += _overrides(options.set)
+    cmd += cli_overrides(options.set)
     print("$ " + " ".join(cmd), flush=True)
     if options.dry_run:
         return
