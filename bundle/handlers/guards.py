@@ -1,6 +1,8 @@
-"""Training guards: fail loudly where ignite would silently do nothing."""
+"""Training guards: fail loudly where ignite would silently do nothing, and stop within a wall-clock budget."""
 
 from __future__ import annotations
+
+import time
 
 from ignite.engine import Engine, Events
 
@@ -71,13 +73,9 @@ class TrainingTimeBudget:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
 
     def _started(self, engine: Engine) -> None:
-        import time
-
         self._start, self._first_epoch = time.monotonic(), engine.state.epoch
 
     def _check(self, engine: Engine) -> None:
-        import time
-
         elapsed = (time.monotonic() - self._start) / 60.0
         engine.state.metrics["train_minutes"] = elapsed
         epochs = engine.state.epoch - self._first_epoch

@@ -2,7 +2,9 @@
 
 Everything here is per-sample (GroupNorm, no BatchNorm), so a batch of N inputs gives the same result as N
 single calls. Every block takes ``spatial_dims`` (2, the papers' networks, or 3 for volumes); the 3-D forms use
-the same layers with 3-D convolutions and the separable FIR kernel in three axes, and keep the 2-D parameter names. Initialisation follows the score-SDE/DDGAN code: ``variance_scaling(scale, "fan_avg", "uniform")``
+the same layers with 3-D convolutions (MONAI's ``Conv`` factory) and the separable FIR kernel in three axes, and
+keep the 2-D parameter names. Initialisation follows the score-SDE/DDGAN code: ``variance_scaling(scale,
+"fan_avg", "uniform")``
 (Xavier-uniform with gain sqrt(scale)) for convolutions and dense layers, zero biases, and exact zeros where the
 reference uses ``init_scale=0`` (last conv of each residual branch, attention output, network heads).
 """
@@ -13,10 +15,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import Conv
 from torch import nn
 
 __all__ = [
     "conv_nd",
+    "conv_type",
+    "require_2d",
     "sinusoidal_timestep_embedding",
     "TimestepEmbedding",
     "LatentMappingNetwork",
@@ -45,7 +50,7 @@ def conv_nd(
 ) -> nn.Module:
     """``nn.Conv2d`` / ``nn.Conv3d`` ('same' padding unless given), variance-scaling weights and a zero bias."""
     kwargs.setdefault("padding", kernel_size // 2)
-    conv = _conv_type(spatial_dims)(in_channels, out_channels, kernel_size, **kwargs)
+    conv = conv_type(spatial_dims)(in_channels, out_channels, kernel_size, **kwargs)
     variance_scaling_(conv.weight, init_scale)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
@@ -66,10 +71,11 @@ def require_2d(network: str, spatial_dims: int) -> None:
         )
 
 
-def _conv_type(spatial_dims: int) -> type[nn.Module]:
+def conv_type(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv2d`` or ``nn.Conv3d`` (MONAI's ``Conv`` factory), refusing other dimensions."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    return Conv[Conv.CONV, spatial_dims]
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -366,7 +372,7 @@ class PlainResBlock(nn.Module):
     def __init__(self, channels: int, dropout: float = 0.0, spatial_dims: int = 2) -> None:
         super().__init__()
         groups = 32 if channels % 32 == 0 else default_num_groups(channels)
-        conv = _conv_type(spatial_dims)
+        conv = conv_type(spatial_dims)
         self.layers = nn.Sequential(
             nn.GroupNorm(groups, channels),
             nn.SiLU(),

@@ -26,6 +26,7 @@ from bundle.networks.blocks import (
     SelfAttention2d,
     TimestepEmbedding,
     conv_nd,
+    conv_type,
     default_num_groups,
     dense,
 )
@@ -60,8 +61,7 @@ class CDALImageEncoder(nn.Sequential):
         spatial_dims: int = 2,
     ) -> None:
         blocks = [PlainResBlock(num_channels, dropout, spatial_dims) for _ in range(num_layers * num_res_blocks)]
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        super().__init__(conv(image_channels, num_channels, 3, padding=1), *blocks)
+        super().__init__(conv_type(spatial_dims)(image_channels, num_channels, 3, padding=1), *blocks)
 
 
 class CDALGenerator(nn.Module):
