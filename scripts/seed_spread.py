@@ -10,9 +10,12 @@ validation of the run from its MLflow database (``val_dice`` by epoch) and write
 - per run: the best validation Dice (the saved model's), the last one, the drop from best to last, the epochs;
 - per method: mean, min and max over the seeds of the best Dice, their spread (max - min), and the largest drop
   from a run's best to its later validations; a recipe "holds" when the spread is below ``--max_spread`` (0.05)
-  and no run falls more than ``--max_drop`` (0.03) after its best.
+  and no run falls more than ``--max_drop`` (0.03) after its best;
+- the training minutes of each run (the trainer's own ``train_minutes``, validations included);
+- with ``--test``: each run's saved model scored once on the held-out ``test`` subset (``run evaluating`` with
+  ``configs/evaluate.yaml``, results in ``<run>/evaluation_test/``), which no selection saw.
 
-    python scripts/seed_spread.py --methods cdal segdiff unet prob_unet mose --seeds 1 2 3 --results results/spread
+    python scripts/seed_spread.py --methods cdal segdiff unet prob_unet mose --seeds 1 2 3 --test --results results/spread
 """
 
 from __future__ import annotations
@@ -45,6 +48,21 @@ def validation_history(db: Path) -> list[tuple[int, float]]:
     return sorted(history.items())
 
 
+def training_minutes(db: Path) -> float | None:
+    """The trainer's last ``train_minutes`` record in an MLflow SQLite database (None when it logged none)."""
+    with sqlite3.connect(db) as con:
+        row = con.execute("select max(value) from metrics where key = 'train_minutes'").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def test_dice(root: Path) -> float | None:
+    """Mean Dice of the run's test evaluation (``<run>/evaluation_test/metrics_summary.json``), if it exists."""
+    summary = root / "evaluation_test" / "metrics_summary.json"
+    if not summary.is_file():
+        return None
+    return float(json.loads(summary.read_text())["metrics"]["dice"]["mean"])
+
+
 def summarise_run(history: list[tuple[int, float]]) -> dict[str, float]:
     """Best, last, the epoch of the best and the largest fall from the best to any later validation."""
     if not history:
@@ -72,20 +90,29 @@ def summarise_method(runs: dict[int, dict[str, float]], max_spread: float, max_d
         "max_drop": max(r["drop_after_best"] for r in runs.values()),
     }
     summary["holds"] = bool(summary["spread"] < max_spread and summary["max_drop"] <= max_drop)
+    for key in ("test_dice", "train_minutes"):
+        values = [r[key] for r in runs.values() if r.get(key) is not None]
+        if len(values) == len(runs):
+            summary[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
     return summary
+
+
+def _range(entry: dict | None, digits: int = 4) -> str:
+    return "-" if entry is None else f"{entry['mean']:.{digits}f} ({entry['min']:.{digits}f} - {entry['max']:.{digits}f})"
 
 
 def format_markdown(results: dict[str, dict], max_spread: float, max_drop: float) -> str:
     lines = [
         f"| method | seeds | best val Dice mean | min | max | spread (< {max_spread}) | largest drop after best "
-        f"(<= {max_drop}) | holds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"(<= {max_drop}) | holds | test Dice mean (min - max) | train minutes mean (min - max) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, entry in results.items():
         s = entry["summary"]
         lines.append(
             f"| {method} | {s['seeds']} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} | {s['spread']:.4f} | "
-            f"{s['max_drop']:.4f} | {'yes' if s['holds'] else 'no'} |"
+            f"{s['max_drop']:.4f} | {'yes' if s['holds'] else 'no'} | {_range(s.get('test_dice'))} | "
+            f"{_range(s.get('train_minutes'), 1)} |"
         )
     lines += ["", "| method | seed | validations (epoch: Dice) | best | last |", "| --- | --- | --- | --- | --- |"]
     for method, entry in results.items():
@@ -98,24 +125,51 @@ def format_markdown(results: dict[str, dict], max_spread: float, max_drop: float
 def format_csv(results: dict[str, dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["method", "seed", "best", "best_epoch", "last", "drop_after_best", "validations"])
+    keys = ("best", "best_epoch", "last", "drop_after_best", "validations", "test_dice", "train_minutes")
+    writer.writerow(["method", "seed", *keys])
     for method, entry in results.items():
         for seed, run in entry["runs"].items():
-            writer.writerow(
-                [method, seed] + [run[k] for k in ("best", "best_epoch", "last", "drop_after_best", "validations")]
-            )
+            writer.writerow([method, seed] + ["" if run.get(k) is None else run[k] for k in keys])
     return out.getvalue()
 
 
-def train(method: str, seed: int, root: Path, options: argparse.Namespace) -> None:
-    files = [REPO / "configs" / "train.yaml", REPO / "configs" / "methods" / f"{method}.yaml"]
+def bundle_command(workflow: str, method: str, seed: int, root: Path, options: argparse.Namespace) -> list[str]:
+    """``python -m monai.bundle run <workflow>`` of one run: train.yaml (+ evaluate.yaml), method, dataset, extras."""
+    files = [REPO / "configs" / "train.yaml"]
+    if workflow == "evaluating":
+        files.append(REPO / "configs" / "evaluate.yaml")
+    files.append(REPO / "configs" / "methods" / f"{method}.yaml")
     if options.dataset:
         files.append(REPO / "configs" / "datasets" / f"{options.dataset}.yaml")
     files += [Path(c).absolute() for c in options.config]
     config = "[" + ",".join(f"'{f}'" for f in files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", config]
     cmd += ["--bundle_root", str(root), "--seed", str(seed), "--tracking_uri", f"sqlite:///{root / 'mlruns.db'}"]
-    cmd += cli_overrides(options.set)
+    return cmd + cli_overrides(options.set)
+
+
+def evaluate_test(method: str, seed: int, root: Path, options: argparse.Namespace) -> None:
+    """Score the run's saved model once on the ``test`` subset (skipped when ``evaluation_test`` is complete)."""
+    if test_dice(root) is not None:
+        return
+    cmd = bundle_command("evaluating", method, seed, root, options)
+    cmd += ["--eval_subset", "test", "--eval_dir", str(root / "evaluation_test")]
+    print("$ " + " ".join(cmd), flush=True)
+    if options.dry_run:
+        return
+    start = time.time()
+    with open(root / "evaluating_test.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    print(f"  {method} seed {seed} test: {time.time() - start:.0f} s (exit {proc.returncode})", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"{method} seed {seed} evaluation failed; end of {root / 'evaluating_test.log'}:\n"
+            + (root / "evaluating_test.log").read_text()[-3000:]
+        )
+
+
+def train(method: str, seed: int, root: Path, options: argparse.Namespace) -> None:
+    cmd = bundle_command("training", method, seed, root, options)
     print("$ " + " ".join(cmd), flush=True)
     if options.dry_run:
         return
@@ -144,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="results/spread")
     parser.add_argument("--max_spread", type=float, default=0.05)
     parser.add_argument("--max_drop", type=float, default=0.03)
+    parser.add_argument("--test", action="store_true", help="also score each run's model once on the test subset")
     parser.add_argument("--tabulate_only", action="store_true")
     parser.add_argument("--dry_run", action="store_true")
     options = parser.parse_args(argv)
@@ -157,10 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                 if options.tabulate_only:
                     raise SystemExit(f"{root}: no finished training ({DONE_MARKER}); run without --tabulate_only")
                 train(method, seed, root, options)
+            if options.test and not options.tabulate_only:
+                evaluate_test(method, seed, root, options)
             if options.dry_run:
                 continue
             history = validation_history(root / "mlruns.db")
-            runs[seed] = {**summarise_run(history), "history": history}
+            runs[seed] = {
+                **summarise_run(history),
+                "history": history,
+                "test_dice": test_dice(root),
+                "train_minutes": training_minutes(root / "mlruns.db"),
+            }
         if runs:
             results[method] = {"runs": runs, "summary": summarise_method(runs, options.max_spread, options.max_drop)}
     if options.dry_run:

@@ -7,7 +7,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from monai.bundle import run as bundle_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,29 +19,45 @@ def spread():
     return module
 
 
-def test_history_of_a_real_run(spread, tmp_path, one_thread):
-    root = tmp_path / "unet" / "seed1"
-    bundle_run(
-        run_id="training",
-        config_file=[str(REPO / "configs" / f) for f in ("train.yaml", "methods/unet.yaml")],
-        bundle_root=str(root),
-        dataset_root=f"$bundle.data.synthetic.ensure_synthetic_monuseg('{tmp_path / 'data'}', num_train=6, "
-        "num_test=2, size=64, seed=0)",
-        image_size=64,
-        patch_size=32,
-        batch_size=2,
-        max_epochs=3,
-        epoch_length=2,
-        val_interval=1,
-        seed=1,
-        tracking_uri=f"sqlite:///{root / 'mlruns.db'}",
-        **{"network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "network_def#num_res_units": 1},
-    )
+def test_real_runs_with_their_test_scores(spread, tmp_path, one_thread, capsys):
+    """Two real (tiny) U-Net trainings through the bundle CLI, each scored once on the test subset (--test): the
+    validation history, the trainer's minutes and the test Dice come back per run and per method."""
+    data = tmp_path / "data"
+    tiny = [
+        f"dataset_root=$bundle.data.synthetic.ensure_synthetic_monuseg('{data}', num_train=6, num_test=2, size=64, "
+        "seed=0)",
+        "image_size=64",
+        "patch_size=32",
+        "batch_size=2",
+        "max_epochs=3",
+        "epoch_length=2",
+        "val_interval=1",
+        "network_def#channels=[8,16,32]",
+        "network_def#strides=[2,2]",
+        "network_def#num_res_units=1",
+    ]
+    results = tmp_path / "spread"
+    argv = ["--methods", "unet", "--seeds", "1", "2", "--results", str(results), "--test", "--set", *tiny]
+    assert spread.main(argv) == 0
+    root = results / "unet" / "seed1"
     history = spread.validation_history(root / "mlruns.db")
     assert [epoch for epoch, _ in history] == [1, 2, 3]
     assert all(0.0 <= dice <= 1.0 for _, dice in history)
     summary = spread.summarise_run(history)
     assert summary["best"] == max(d for _, d in history) and summary["last"] == history[-1][1]
+    report = (root / "evaluation_test" / "metrics_summary.json").read_text()
+    assert '"num_images": 2' in report  # the two test tiles, never the validation ones
+    saved = __import__("json").loads((results / "seed_spread.json").read_text())["unet"]
+    for seed in ("1", "2"):
+        run = saved["runs"][seed]
+        assert 0.0 <= run["test_dice"] <= 1.0 and run["train_minutes"] > 0.0
+    assert saved["summary"]["test_dice"]["min"] <= saved["summary"]["test_dice"]["max"]
+    row = next(line for line in (results / "seed_spread.md").read_text().splitlines() if line.startswith("| unet | 2 |"))
+    assert row.count("(") == 2  # test Dice and train minutes: mean (min - max)
+    # a second call reads the finished runs and evaluations as they are
+    capsys.readouterr()
+    assert spread.main(argv) == 0
+    assert "$ " not in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no MLflow database"):
         spread.validation_history(tmp_path / "missing.db")
 
@@ -60,7 +75,7 @@ def test_spread_and_drop(spread):
     table = spread.format_markdown(
         {"cdal": {"runs": {1: {**run, "history": [(5, 0.7)]}}, "summary": summary}}, 0.05, 0.03
     )
-    assert "| cdal | 2 | 0.8200 | 0.8200 | 0.8200 | 0.0000 | 0.0400 | no |" in table
+    assert "| cdal | 2 | 0.8200 | 0.8200 | 0.8200 | 0.0000 | 0.0400 | no | - | - |" in table
 
 
 def test_dry_run_commands(spread, tmp_path, capsys):
