@@ -98,7 +98,9 @@ def summarise_method(runs: dict[int, dict[str, float]], max_spread: float, max_d
 
 
 def _range(entry: dict | None, digits: int = 4) -> str:
-    return "-" if entry is None else f"{entry['mean']:.{digits}f} ({entry['min']:.{digits}f} - {entry['max']:.{digits}f})"
+    return (
+        "-" if entry is None else f"{entry['mean']:.{digits}f} ({entry['min']:.{digits}f} - {entry['max']:.{digits}f})"
+    )
 
 
 def format_markdown(results: dict[str, dict], max_spread: float, max_drop: float) -> str:

@@ -52,7 +52,9 @@ def test_real_runs_with_their_test_scores(spread, tmp_path, one_thread, capsys):
         run = saved["runs"][seed]
         assert 0.0 <= run["test_dice"] <= 1.0 and run["train_minutes"] > 0.0
     assert saved["summary"]["test_dice"]["min"] <= saved["summary"]["test_dice"]["max"]
-    row = next(line for line in (results / "seed_spread.md").read_text().splitlines() if line.startswith("| unet | 2 |"))
+    row = next(
+        line for line in (results / "seed_spread.md").read_text().splitlines() if line.startswith("| unet | 2 |")
+    )
     assert row.count("(") == 2  # test Dice and train minutes: mean (min - max)
     # a second call reads the finished runs and evaluations as they are
     capsys.readouterr()
