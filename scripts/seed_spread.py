@@ -150,6 +150,16 @@ def bundle_command(workflow: str, method: str, seed: int, root: Path, options: a
     return cmd + cli_overrides(options.set)
 
 
+def run_logged(cmd: list[str], log_path: Path, what: str) -> None:
+    """Run one bundle command with its output in ``log_path``; stop with the log's end if it fails."""
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    print(f"  {what}: {time.time() - start:.0f} s (exit {proc.returncode})", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed; end of {log_path}:\n" + log_path.read_text()[-3000:])
+
+
 def evaluate_test(method: str, seed: int, root: Path, options: argparse.Namespace) -> None:
     """Score the run's saved model once on the ``test`` subset (skipped when ``evaluation_test`` is complete)."""
     if test_dice(root) is not None:
@@ -157,17 +167,8 @@ def evaluate_test(method: str, seed: int, root: Path, options: argparse.Namespac
     cmd = bundle_command("evaluating", method, seed, root, options)
     cmd += ["--eval_subset", "test", "--eval_dir", str(root / "evaluation_test")]
     print("$ " + " ".join(cmd), flush=True)
-    if options.dry_run:
-        return
-    start = time.time()
-    with open(root / "evaluating_test.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    print(f"  {method} seed {seed} test: {time.time() - start:.0f} s (exit {proc.returncode})", flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"{method} seed {seed} evaluation failed; end of {root / 'evaluating_test.log'}:\n"
-            + (root / "evaluating_test.log").read_text()[-3000:]
-        )
+    if not options.dry_run:
+        run_logged(cmd, root / "evaluating_test.log", f"{method} seed {seed} test")
 
 
 def train(method: str, seed: int, root: Path, options: argparse.Namespace) -> None:
@@ -178,15 +179,7 @@ def train(method: str, seed: int, root: Path, options: argparse.Namespace) -> No
     root.mkdir(parents=True, exist_ok=True)
     if (root / "models" / "checkpoints" / "last.pt").is_file():
         cmd += ["--resume", "true"]
-    start = time.time()
-    with open(root / "training.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    print(f"  {method} seed {seed}: {time.time() - start:.0f} s (exit {proc.returncode})", flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"{method} seed {seed} failed; end of {root / 'training.log'}:\n"
-            + (root / "training.log").read_text()[-3000:]
-        )
+    run_logged(cmd, root / "training.log", f"{method} seed {seed}")
     (root / DONE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
 
 
