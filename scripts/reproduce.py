@@ -79,13 +79,19 @@ def _overlay(kind: str, name: str) -> Path:
     return path
 
 
-def _config_files(
-    method: str, dataset: str, paper: bool, evaluate: bool, profile: bool = False, variant: str = "2d"
+def config_files(
+    method: str, dataset: str | None, paper: bool, evaluate: bool, profile: bool = False, variant: str = "2d"
 ) -> list[Path]:
+    """train.yaml (+ evaluate.yaml), the method overlay, the dataset overlay (None: train.yaml's built-in synthetic
+    data), then the paper or profile overlay of the pair; an unknown overlay name stops with the known ones."""
+    if dataset is None and (paper or profile):
+        raise SystemExit("--paper and --profile need a dataset overlay")
     files = [REPO / "configs" / "train.yaml"]
     if evaluate:
         files.append(REPO / "configs" / "evaluate.yaml")
-    files += [_overlay("methods", method), _overlay("datasets", dataset)]
+    files.append(_overlay("methods", method))
+    if dataset is not None:
+        files.append(_overlay("datasets", dataset))
     if paper:
         files.append(_overlay("paper", f"{method}_{dataset}"))
     if profile:
@@ -196,7 +202,7 @@ def run_fold(options: argparse.Namespace, method: str, fold: int, tracking_uri: 
     common += ["--fold", str(fold)] if _has_folds(options.dataset) else ["--seed", str(options.seed + fold)]
     common += _variant_args(variant, options.context_slices)
     common += cli_overrides(options.set)
-    train_files = _config_files(method, options.dataset, options.paper, False, options.profile, variant)
+    train_files = config_files(method, options.dataset, options.paper, False, options.profile, variant)
     if not (root / DONE_MARKER).is_file() and not options.evaluate_only:
         resume = ["--resume", "true"] if (root / "models" / "checkpoints" / "last.pt").is_file() else []
         _run_bundle("training", train_files, root, common + resume, "training.log", options.dry_run)
@@ -207,7 +213,7 @@ def run_fold(options: argparse.Namespace, method: str, fold: int, tracking_uri: 
         raise SystemExit(f"{root / 'models' / 'model.pt'}: no trained model to evaluate")
     _run_bundle(
         "evaluating",
-        _config_files(method, options.dataset, options.paper, True, options.profile, variant),
+        config_files(method, options.dataset, options.paper, True, options.profile, variant),
         root,
         common + ["--eval_subset", options.eval_subset, "--eval_dir", str(eval_dir), *cli_overrides(options.eval_set)],
         "evaluating.log",

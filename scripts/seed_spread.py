@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from reproduce import DONE_MARKER, cli_overrides  # noqa: E402  (the same key=value rule and marker)
+from reproduce import DONE_MARKER, cli_overrides, config_files  # noqa: E402  (the same overlays, rules, marker)
 
 
 def validation_history(db: Path) -> list[tuple[int, float]]:
@@ -136,13 +136,8 @@ def format_csv(results: dict[str, dict]) -> str:
 
 
 def bundle_command(workflow: str, method: str, seed: int, root: Path, options: argparse.Namespace) -> list[str]:
-    """``python -m monai.bundle run <workflow>`` of one run: train.yaml (+ evaluate.yaml), method, dataset, extras."""
-    files = [REPO / "configs" / "train.yaml"]
-    if workflow == "evaluating":
-        files.append(REPO / "configs" / "evaluate.yaml")
-    files.append(REPO / "configs" / "methods" / f"{method}.yaml")
-    if options.dataset:
-        files.append(REPO / "configs" / "datasets" / f"{options.dataset}.yaml")
+    """``python -m monai.bundle run <workflow>`` of one run: reproduce.py's overlays, then the ``--config`` files."""
+    files = config_files(method, options.dataset, False, workflow == "evaluating")
     files += [Path(c).absolute() for c in options.config]
     config = "[" + ",".join(f"'{f}'" for f in files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", config]

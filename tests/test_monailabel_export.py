@@ -92,8 +92,6 @@ def test_hippocampus_export_is_3d_and_takes_the_trained_network_settings(tmp_pat
     }
     infer = yaml.safe_load((out / "configs" / "inference.yaml").read_text())
     assert infer["network_def"]["num_channels"] == 16 and infer["label_channels"] == 3
-    from monai.bundle import ConfigParser
-
     parsed = ConfigParser(infer)
     assert parsed.get_parsed_content("slice_axis") == 2 and parsed.get_parsed_content("roi_size") == [32, 32]
 

@@ -4,6 +4,7 @@ and the per-method spread and drop figures it reports."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_real_runs_with_their_test_scores(spread, tmp_path, one_thread, capsys):
     assert summary["best"] == max(d for _, d in history) and summary["last"] == history[-1][1]
     report = (root / "evaluation_test" / "metrics_summary.json").read_text()
     assert '"num_images": 2' in report  # the two test tiles, never the validation ones
-    saved = __import__("json").loads((results / "seed_spread.json").read_text())["unet"]
+    saved = json.loads((results / "seed_spread.json").read_text())["unet"]
     for seed in ("1", "2"):
         run = saved["runs"][seed]
         assert 0.0 <= run["test_dice"] <= 1.0 and run["train_minutes"] > 0.0
