@@ -154,3 +154,23 @@ def test_autocast_argument_is_validated():
     assert _inferer(autocast=False).autocast is None
     with pytest.raises(ValueError, match="autocast"):
         _inferer(autocast="int8")
+
+
+def test_channels_last_inputs_give_the_same_ensemble_and_reach_the_network_as_nhwc():
+    net, images = _generator(), torch.randn(2, 3, 16, 16)
+    layouts = []
+    net.register_forward_hook(
+        lambda m, i, kw, o: layouts.append(kw["image_features"].is_contiguous(memory_format=torch.channels_last)),
+        with_kwargs=True,
+    )
+    plain = _inferer(num_generations=3, outputs=("mean", "samples")).ensemble(images, net, _generators(6))
+    assert layouts and not any(layouts)
+    layouts.clear()
+    nhwc = _inferer(num_generations=3, outputs=("mean", "samples"), channels_last=True).ensemble(
+        images, net, _generators(6)
+    )
+    assert layouts and all(layouts)  # every step's inputs reached the network in NHWC
+    torch.testing.assert_close(nhwc["samples"], plain["samples"], atol=1e-4, rtol=1e-4)
+    assert nhwc["mean"].dtype == torch.float32
+    with pytest.raises(ValueError, match="channels_last"):
+        _inferer(channels_last="sideways")

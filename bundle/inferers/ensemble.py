@@ -33,9 +33,9 @@ from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-from bundle.inferers.autocast import AutocastNetwork, autocast_dtype
+from bundle.inferers.autocast import AutocastNetwork, ChannelsLastNetwork, autocast_dtype
 from bundle.inferers.samplers import Sampler, repeat_rows, take_rows
-from bundle.runtime import unwrap_network
+from bundle.runtime import as_bool, unwrap_network
 
 __all__ = ["EnsembleInferer", "OUTPUT_KEYS"]
 
@@ -61,6 +61,8 @@ class EnsembleInferer(Inferer):
         generation_batch_size: most rows (image x generation) per sampler call; None: all at once.
         seed: seed of the noise (see the module docstring); None: torch's global random stream.
         autocast: "bfloat16" / "float16" / True (bf16) for reduced-precision network calls; None/False: fp32.
+        channels_last: hand the network its image-shaped inputs in channels-last memory format (same values;
+            faster oneDNN convolutions on CPUs).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class EnsembleInferer(Inferer):
         generation_batch_size: int | None = None,
         seed: int | None = None,
         autocast: str | torch.dtype | bool | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if int(num_generations) < 1:
@@ -100,6 +103,7 @@ class EnsembleInferer(Inferer):
         self.generation_batch_size = generation_batch_size
         self.seed = seed
         self.autocast = autocast_dtype(autocast)
+        self.channels_last = as_bool(channels_last, "channels_last")
         self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     # -------------------------------------------------------------------------------------------- noise
@@ -197,7 +201,9 @@ class EnsembleInferer(Inferer):
             generators = self.row_generators(batch * n, images.device, stream)
         if len(generators) != batch * n:
             raise ValueError(f"need {batch * n} generators (batch {batch} x {n} generations), got {len(generators)}")
-        if self.autocast is not None:
+        if self.channels_last:
+            network = ChannelsLastNetwork(network, self.autocast)
+        elif self.autocast is not None:
             network = AutocastNetwork(network, self.autocast)
         condition = repeat_rows(self.sampler.encode(network, images), n)
         generation = torch.arange(n, device=images.device).repeat(batch)
