@@ -21,3 +21,6 @@ from bundle import (  # noqa: F401
 )
 
 __version__ = "0.1.0"
+
+# an uncaught failure caused by an input file ends with "error: <file>: <problem>" (bundle/data/errors.py)
+data.errors.install_excepthook()

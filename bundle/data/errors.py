@@ -1,10 +1,18 @@
-"""The one error type the data readers raise for bad input files."""
+"""The one error type the data readers raise for bad input files, and the last line a person reads.
+
+Whatever wraps a reader's ``DataFormatError`` on its way out (MONAI's config evaluation raises
+``RuntimeError: Failed to evaluate ConfigExpression`` from it, ignite re-raises it, a DataLoader worker rebuilds
+it in the main process), ``install_excepthook`` (run on ``import bundle``) prints the usual traceback and then, as
+the last line, ``error: <file>: <problem>``; the process still exits non-zero.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from types import TracebackType
 
-__all__ = ["DataFormatError"]
+__all__ = ["DataFormatError", "find_input_error", "install_excepthook", "one_line"]
 
 
 class DataFormatError(ValueError):
@@ -33,3 +41,43 @@ class DataFormatError(ValueError):
             self.path = os.fspath(path)
             self.problem = problem
             super().__init__(f"{self.path}: {problem}")
+
+
+def find_input_error(error: BaseException | None) -> DataFormatError | None:
+    """The first ``DataFormatError`` in ``error``'s chain (``__cause__``, then ``__context__``), if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DataFormatError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def one_line(error: DataFormatError) -> str:
+    """``<file>: <problem>`` of an input error; a DataLoader worker's copy carries the worker's whole traceback
+    as its message, whose last line is the original ``...DataFormatError: <file>: <problem>``."""
+    if error.path is not None:
+        return str(error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    marker = f"{DataFormatError.__name__}: "
+    return last.split(marker, 1)[1] if marker in last else last
+
+
+def _excepthook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+    _previous_hook(kind, error, trace)
+    cause = find_input_error(error)
+    if cause is not None:
+        print(f"\nerror: {one_line(cause)}", file=sys.stderr, flush=True)
+
+
+_previous_hook = sys.excepthook
+
+
+def install_excepthook() -> None:
+    """Make an input error's one-line message the last thing an uncaught failure prints (module docstring)."""
+    global _previous_hook
+    if sys.excepthook is not _excepthook:
+        _previous_hook = sys.excepthook
+        sys.excepthook = _excepthook

@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Serving speed of one Hippocampus volume at the paper protocol: where the time goes, and the bound it has.
+
+The shipped cDAL model (``configs/inference.yaml`` + ``configs/datasets/hippocampus.yaml``: generator nf 32, T = 4)
+segments a real MSD volume with the paper's protocol (axial 32 x 32 windows with overlap 0.75, N = 5 generations)
+through ``EnsembleInferer``, once per path, each path in a fresh process (so that its peak RSS is its own):
+
+- ``baseline``: the path before the change, 64 windows (320 rows) per network batch, NCHW inputs;
+- ``default``: what ``configs/inference.yaml`` serves now (``window_batch_size`` from the overlay's
+  ``slice_batch_size``, channels-last inputs: ``inference_channels_last``).
+
+Beside the times it reports the FLOPs the protocol performs (the encoder once per window, the generator once per
+row and step; counted with ``FlopCounterMode`` on a meta-device copy, no arithmetic), the generator's best
+achieved FLOP/s over batch sizes (the same layer shapes, channels-last, measured here), the lower bound that gives
+(FLOPs / that rate) and each path's distance to it, the largest difference between the two paths' ensemble means
+(the same noise: it must be ~1e-5) and the peak RSS. JSON to ``--json``; a dated Markdown section with the machine
+is appended to docs/benchmarks.md unless ``--no_markdown``.
+
+    OMP_NUM_THREADS=1 python scripts/benchmark_serving.py            # ~4 minutes on one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from benchmark import machine_description, measure_matmul_peak  # noqa: E402
+
+DEFAULT_VOLUME = REPO.parent / "shared" / "data" / "hippocampus" / "Task04_Hippocampus" / "imagesTr"
+CONFIGS = [str(REPO / "configs" / "inference.yaml"), str(REPO / "configs" / "datasets" / "hippocampus.yaml")]
+BASELINE_WINDOWS = 64  # windows per batch before the change (configs/datasets/hippocampus.yaml slice_batch_size)
+
+
+def parse(bundle_root: str, volume: Path, num_generations: int) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(CONFIGS)
+    parser["bundle_root"] = bundle_root
+    parser["num_generations"] = num_generations
+    parser["input_datalist"] = [{"image": str(volume)}]
+    return parser
+
+
+def load(parser: ConfigParser) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The served network with its weights, and the preprocessed volume (1, C, H, W, D)."""
+    network = parser.get_parsed_content("network_def").eval()
+    network.load_state_dict(torch.load(parser.get_parsed_content("checkpoint"), map_location="cpu", weights_only=True))
+    item = parser.get_parsed_content("dataset")[0]
+    return network, item["image"][None]
+
+
+def run_path(name: str, volume: str, num_generations: int, threads: int, queue) -> None:
+    """One path in this (fresh) process: seconds, ensemble mean, peak RSS."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as root:
+        parser = parse(root, Path(volume), num_generations)
+        network, image = load(parser)
+        inferer = parser.get_parsed_content("inferer")
+        if name == "baseline":
+            inferer.sw_batch_size, inferer.channels_last = BASELINE_WINDOWS, False
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = inferer(image, network)
+        seconds = time.perf_counter() - start
+    queue.put(
+        {
+            "seconds": seconds,
+            "windows_per_batch": inferer.sw_batch_size,
+            "channels_last": inferer.channels_last,
+            "mean": out["mean"].as_tensor().numpy(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
+
+
+def protocol_flops(parser: ConfigParser, network: torch.nn.Module, image: torch.Tensor) -> dict:
+    """Windows, rows and FLOPs of the protocol on this volume (meta-device count, no arithmetic)."""
+    roi = [int(s) for s in parser.get_parsed_content("roi_size")]
+    axis = int(parser.get_parsed_content("slice_axis"))
+    overlap = float(parser.get_parsed_content("window_overlap"))
+    spatial = list(image.shape[2:])
+    slices = spatial.pop(axis)
+    plane = [max(s, r) for s, r in zip(spatial, roi)]
+    per_slice = len(dense_patch_slices(plane, roi, _get_scan_interval(plane, roi, 2, (overlap, overlap))))
+    windows = per_slice * slices
+    generations = int(parser["num_generations"])
+    steps = int(parser.get_parsed_content("num_timesteps"))
+    meta = copy.deepcopy(network).to("meta")
+    window = torch.empty(1, image.shape[1], *roi, device="meta")
+    x_t = torch.empty(1, int(parser.get_parsed_content("label_channels")), *roi, device="meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    z = torch.empty(1, meta.nz, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        features = meta.encode_image(window)
+    encoder = float(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter:
+        meta(x_t, t, z, image_features=features)
+    step = float(counter.get_total_flops())
+    total = windows * encoder + windows * generations * steps * step
+    return {
+        "windows_per_slice": per_slice,
+        "slices": slices,
+        "windows": windows,
+        "rows": windows * generations,
+        "steps": steps,
+        "encoder_flops_per_window": encoder,
+        "generator_flops_per_row_step": step,
+        "total_gflops": total / 1e9,
+    }
+
+
+@torch.no_grad()
+def best_generator_rate(parser: ConfigParser, network: torch.nn.Module, image: torch.Tensor, flops: dict) -> dict:
+    """The generator's best GFLOP/s over batch sizes on this machine (channels-last inputs, the layer shapes of the
+    protocol), and the batch that gives it."""
+    roi = [int(s) for s in parser.get_parsed_content("roi_size")]
+    rates = {}
+    for rows in (10, 20, 40, 80, 160, 320):
+        window = torch.randn(rows, image.shape[1], *roi).contiguous(memory_format=torch.channels_last)
+        channels = int(parser.get_parsed_content("label_channels"))
+        x_t = torch.randn(rows, channels, *roi).contiguous(memory_format=torch.channels_last)
+        t = torch.ones(rows, dtype=torch.long)
+        z = torch.randn(rows, network.nz)
+        features = network.encode_image(window)
+        network(x_t, t, z, image_features=features)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            network(x_t, t, z, image_features=features)
+            best = min(best, time.perf_counter() - start)
+        rates[rows] = rows * flops["generator_flops_per_row_step"] / best / 1e9
+    rows = max(rates, key=rates.get)
+    return {"gflops_by_rows": rates, "best_rows": rows, "best_gflops": rates[rows]}
+
+
+def markdown_section(result: dict) -> str:
+    m, f, r = result["machine"], result["flops"], result["rate"]
+    lines = [
+        f"## Serving one Hippocampus volume, paper protocol ({result['date']})",
+        "",
+        f"`{result['command']}` on {m['cpu']} ({m['logical_cores']} logical cores, {m['torch_threads']} torch "
+        f"thread(s), load average {m['load_average_start'][0]:.1f} at the start), torch {m['torch']}, "
+        f"monai {m['monai']}. Volume `{result['volume']}` {result['shape']}; the shipped cDAL model; "
+        f"{f['windows']} windows ({f['windows_per_slice']} per slice x {f['slices']} slices, 32 x 32, overlap "
+        f"0.75) x N = {result['num_generations']} x T = {f['steps']} steps.",
+        "",
+        f"- FLOPs: {f['total_gflops']:.0f} GFLOP per volume (encoder "
+        f"{f['encoder_flops_per_window'] / 1e6:.0f} MFLOP per window, generator "
+        f"{f['generator_flops_per_row_step'] / 1e6:.0f} MFLOP per row and step).",
+        f"- The generator's best rate here: {r['best_gflops']:.1f} GFLOP/s at {r['best_rows']} rows per call "
+        f"(" + ", ".join(f"{k}: {v:.1f}" for k, v in r["gflops_by_rows"].items()) + "); fp32 matmul peak "
+        f"{result['matmul_peak_gflops']:.1f} GFLOP/s. Lower bound: {result['lower_bound_seconds']:.1f} s per volume.",
+        "",
+        "| path | windows per batch (rows) | NHWC inputs | s / volume | x lower bound | speed-up | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    base = result["paths"]["baseline"]["seconds"]
+    for name, p in result["paths"].items():
+        lines.append(
+            f"| {name} | {p['windows_per_batch']} ({p['windows_per_batch'] * result['num_generations']}) | "
+            f"{'yes' if p['channels_last'] else 'no'} | {p['seconds']:.1f} | "
+            f"{p['seconds'] / result['lower_bound_seconds']:.2f} | {base / p['seconds']:.2f}x | "
+            f"{p['peak_rss_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Largest difference between the two paths' ensemble means: {result['max_mean_difference']:.1e} "
+        "(the same noise; NHWC changes only the order of the sums).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--volume", type=Path, default=DEFAULT_VOLUME / "hippocampus_001.nii.gz")
+    cli.add_argument("--num_generations", type=int, default=5)
+    cli.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    cli.add_argument("--paths", nargs="+", default=["baseline", "default"], choices=["baseline", "default"])
+    cli.add_argument("--json", type=Path, default=None, help="JSON output (default eval/serving_<time>.json)")
+    cli.add_argument("--markdown", type=Path, default=REPO / "docs" / "benchmarks.md")
+    cli.add_argument("--no_markdown", action="store_true")
+    args = cli.parse_args(argv)
+    if not args.volume.is_file():
+        raise SystemExit(f"{args.volume}: no such volume (give --volume <a .nii.gz>)")
+    torch.set_num_threads(args.threads)
+    machine = machine_description(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as root:
+        parser = parse(root, args.volume, args.num_generations)
+        network, image = load(parser)
+        flops = protocol_flops(parser, network, image)
+        rate = best_generator_rate(parser, network, image, flops)
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": "python scripts/benchmark_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine,
+        "volume": args.volume.name,
+        "shape": list(image.shape[2:]),
+        "num_generations": args.num_generations,
+        "matmul_peak_gflops": measure_matmul_peak(),
+        "flops": flops,
+        "rate": rate,
+        "lower_bound_seconds": flops["total_gflops"] / rate["best_gflops"],
+        "paths": {},
+    }
+    print(json.dumps({k: result[k] for k in ("shape", "flops", "rate", "lower_bound_seconds")}, indent=1), flush=True)
+    context = multiprocessing.get_context("spawn")
+    means = {}
+    for name in args.paths:
+        queue = context.Queue()
+        process = context.Process(
+            target=run_path, args=(name, str(args.volume), args.num_generations, args.threads, queue)
+        )
+        process.start()
+        out = queue.get()
+        process.join()
+        means[name] = torch.from_numpy(out.pop("mean"))
+        result["paths"][name] = out
+        print(name, out, flush=True)
+    if len(means) == 2:
+        result["max_mean_difference"] = float((means["baseline"] - means["default"]).abs().max())
+    out_path = args.json or REPO / "eval" / f"serving_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_path}")
+    if not args.no_markdown and len(means) == 2:
+        text = args.markdown.read_text() if args.markdown.exists() else "# Benchmarks\n"
+        args.markdown.write_text(text.rstrip("\n") + "\n\n" + markdown_section(result))
+        print(f"appended to {args.markdown}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
