@@ -242,3 +242,32 @@ def test_every_variant_trains_evaluates_and_serves(variant_runs):
             assert written.shape == source.shape and np.allclose(written.affine, source.affine), name
             assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2}, name
             assert (root / "inference" / "uncertainty" / mask.name).is_file(), name
+
+
+class _DivisibleEcho(_Echo):
+    """The echo network, refusing sides that are not a multiple of 4 (as the generators do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] % 4 or x.shape[3] % 4:
+            raise ValueError(f"sides must be multiples of 4, got {tuple(x.shape[2:])}")
+        return super().forward(x)
+
+
+def test_whole_slices_pad_each_slice_to_the_network_multiple_and_crop_back():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 1, 35, 51, 9))
+    onehot = torch.cat([(labels == c).float() * 2 - 1 for c in range(3)], dim=1)
+    calls = []
+    network = _DivisibleEcho()
+    network.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    whole = EnsembleInferer(
+        DeterministicSampler(activation="sigmoid"), num_generations=1, outputs="mean", roi_size=(32, 32),
+        overlap=0.75, sw_batch_size=4, slice_axis=2, whole_slices=True,
+    )(onehot, network)  # fmt: skip
+    assert whole.shape == onehot.shape
+    torch.testing.assert_close(whole, torch.sigmoid(20.0 * onehot))  # every voxel its own, padding cropped away
+    assert {c[2:] for c in calls} == {(36, 52)} and sum(c[0] for c in calls) == 2 * 9  # one window per slice
+    with pytest.raises(ValueError, match="multiples of 4"):  # the windows of the paper protocol need no padding,
+        EnsembleInferer(  # but whole slices without it would reach the network at 35 x 51
+            DeterministicSampler(activation="sigmoid"), num_generations=1, outputs="mean", slice_axis=2,
+        )(onehot, network)  # fmt: skip

@@ -17,7 +17,9 @@ U-Net or MoSE, or the one prediction of a deterministic U-Net. For every method:
   (MoNuSeg protocol: a 512x512 image as four non-overlapping 256x256 tiles); 3-D volumes (B, C, H, W, D) go
   slice by slice along ``slice_axis`` through MONAI's ``SliceInferer`` with 2-D windows of ``roi_size`` and
   ``overlap`` (the cDAL Hippocampus protocol: axial 32x32 windows, overlap 0.75), overlapping windows averaged;
-  a 3-D network (a 3-D ``roi_size`` without ``slice_axis``) sees 3-D windows of the volume, the same way.
+  a 3-D network (a 3-D ``roi_size`` without ``slice_axis``) sees 3-D windows of the volume, the same way;
+- one fast switch for volumes: ``whole_slices`` sends every slice whole (padded by edge replication to a multiple of
+  ``size_divisor`` for a fully convolutional network) instead of overlapping windows, one window per slice.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class EnsembleInferer(Inferer):
         autocast: "bfloat16" / "float16" / True (bf16) for reduced-precision network calls; None/False: fp32.
         channels_last: hand the network its image-shaped inputs in channels-last memory format (same values;
             faster oneDNN convolutions on CPUs).
+        whole_slices: volumes cut along ``slice_axis`` go through the network one whole slice at a time (padded by
+            edge replication to a multiple of ``size_divisor``, cropped back) instead of ``roi_size`` windows with
+            ``overlap``: the fast protocol for fully convolutional networks (docs/benchmarks.md has its Dice
+            against the windowed paper protocol).
+        size_divisor: what the network's input sides must be a multiple of (4 for the generators here).
     """
 
     def __init__(
@@ -79,6 +86,8 @@ class EnsembleInferer(Inferer):
         seed: int | None = None,
         autocast: str | torch.dtype | bool | None = None,
         channels_last: bool = False,
+        whole_slices: bool = False,
+        size_divisor: int = 4,
     ) -> None:
         super().__init__()
         if int(num_generations) < 1:
@@ -104,6 +113,10 @@ class EnsembleInferer(Inferer):
         self.seed = seed
         self.autocast = autocast_dtype(autocast)
         self.channels_last = as_bool(channels_last, "channels_last")
+        self.whole_slices = as_bool(whole_slices, "whole_slices")
+        self.size_divisor = int(size_divisor)
+        if self.size_divisor < 1:
+            raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
         self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     # -------------------------------------------------------------------------------------------- noise
@@ -151,12 +164,18 @@ class EnsembleInferer(Inferer):
                     "--slice_axis 2) to infer it slice by slice"
                 )
             slice_shape = [s for a, s in enumerate(inputs.shape[2:]) if a != self.slice_axis]
+            if self.whole_slices:  # one window per slice: the slice padded up to the network's size multiple
+                divisor = self.size_divisor
+                roi, overlap, padding = [-(-s // divisor) * divisor for s in slice_shape], 0.0, "replicate"
+            else:
+                roi, overlap, padding = list(self.roi_size or slice_shape), self.overlap, "constant"
             slicer = SliceInferer(
                 spatial_dim=self.slice_axis,
-                roi_size=tuple(self.roi_size or slice_shape),
+                roi_size=tuple(roi),
                 sw_batch_size=self.sw_batch_size,
-                overlap=self.overlap,
+                overlap=overlap,
                 mode="constant",
+                padding_mode=padding,
             )
             self._refuse_tiled_weights()
             return slicer(inputs, run)
