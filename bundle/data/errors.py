@@ -3,7 +3,8 @@
 Whatever wraps a reader's ``DataFormatError`` on its way out (MONAI's config evaluation raises
 ``RuntimeError: Failed to evaluate ConfigExpression`` from it, ignite re-raises it, a DataLoader worker rebuilds
 it in the main process), ``install_excepthook`` (run on ``import bundle``) prints the usual traceback and then, as
-the last line, ``error: <file>: <problem>``; the process still exits non-zero.
+the last line, ``error: <file>: <problem>``; the process still exits non-zero. A training stopped on a non-finite
+loss (``FloatingPointError`` from the trainer, naming the iteration) ends the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["DataFormatError", "find_input_error", "install_excepthook", "one_line"]
+__all__ = ["DataFormatError", "LAST_LINE_ERRORS", "find_input_error", "install_excepthook", "one_line"]
 
 
 class DataFormatError(ValueError):
@@ -43,36 +44,41 @@ class DataFormatError(ValueError):
             super().__init__(f"{self.path}: {problem}")
 
 
-def find_input_error(error: BaseException | None) -> DataFormatError | None:
-    """The first ``DataFormatError`` in ``error``'s chain (``__cause__``, then ``__context__``), if any."""
+def find_input_error(
+    error: BaseException | None, kinds: tuple[type[BaseException], ...] = (DataFormatError,)
+) -> BaseException | None:
+    """The first exception of ``kinds`` in ``error``'s chain (``__cause__``, then ``__context__``), if any."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, DataFormatError):
+        if isinstance(error, kinds):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
 
 
-def one_line(error: DataFormatError) -> str:
-    """``<file>: <problem>`` of an input error; a DataLoader worker's copy carries the worker's whole traceback
-    as its message, whose last line is the original ``...DataFormatError: <file>: <problem>``."""
-    if error.path is not None:
+def one_line(error: BaseException) -> str:
+    """``<file>: <problem>`` of an input error (or the message of a stop such as a diverged training); a DataLoader
+    worker's copy carries the worker's whole traceback as its message, whose last line is the original
+    ``...DataFormatError: <file>: <problem>``."""
+    if getattr(error, "path", None) is not None:
         return str(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     last = lines[-1] if lines else ""
-    marker = f"{DataFormatError.__name__}: "
+    marker = f"{type(error).__name__}: "
     return last.split(marker, 1)[1] if marker in last else last
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
     _previous_hook(kind, error, trace)
-    cause = find_input_error(error)
+    cause = find_input_error(error, LAST_LINE_ERRORS)
     if cause is not None:
         print(f"\nerror: {one_line(cause)}", file=sys.stderr, flush=True)
 
 
 _previous_hook = sys.excepthook
+# what the excepthook repeats as the last line: bad input, and a training stopped on a non-finite loss
+LAST_LINE_ERRORS: tuple[type[BaseException], ...] = (DataFormatError, FloatingPointError)
 
 
 def install_excepthook() -> None:

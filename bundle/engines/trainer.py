@@ -142,8 +142,8 @@ class SegmentationTrainer(Trainer):
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(
-                f"non-finite {', '.join(bad)} at iteration {engine.state.iteration}: training diverged; lower the "
-                "learning rate"
+                f"non-finite {', '.join(bad)} at iteration {engine.state.iteration}: training diverged and stopped; "
+                "the last checkpoint is the last good epoch (lower the learning rate, check the inputs' intensities)"
             )
         out = {
             CommonKeys.IMAGE: image,

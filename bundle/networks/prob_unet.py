@@ -69,10 +69,14 @@ class AxisAlignedGaussianNet(nn.Module):
         self.latent_dim = latent_dim
 
     def forward(self, x: torch.Tensor) -> Independent:
-        """Distribution over z with batch shape (B,) and event shape (latent_dim,)."""
+        """Distribution over z with batch shape (B,) and event shape (latent_dim,).
+
+        Its arguments are not validated: a diverged network's NaN reaches the loss, where the trainer stops the
+        run naming the iteration, instead of failing inside ``torch.distributions`` with a shape message.
+        """
         pooled = self.encoder(x)[-1].mean(dim=(2, 3), keepdim=True)
         mu, log_sigma = self.head(pooled).flatten(1).chunk(2, dim=1)
-        return Independent(Normal(mu, torch.exp(log_sigma)), 1)
+        return Independent(Normal(mu, torch.exp(log_sigma), validate_args=False), 1, validate_args=False)
 
 
 class ProbabilisticUNet(nn.Module):
