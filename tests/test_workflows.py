@@ -220,4 +220,6 @@ def test_inference_writes_masks_and_uncertainty_with_input_names(trained, tmp_pa
         "3",
         check=False,
     )
-    assert again.returncode != 0 and "exists already" in again.stderr
+    assert again.returncode != 0
+    last = again.stderr.strip().splitlines()[-1]  # the refusal is the last line, naming the file
+    assert last.startswith(f"error: {out}") and "exists already; pass '--overwrite true'" in last, last

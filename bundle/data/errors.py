@@ -77,8 +77,17 @@ def _excepthook(kind: type[BaseException], error: BaseException, trace: Tracebac
 
 
 _previous_hook = sys.excepthook
-# what the excepthook repeats as the last line: bad input, and a training stopped on a non-finite loss
-LAST_LINE_ERRORS: tuple[type[BaseException], ...] = (DataFormatError, FloatingPointError)
+# what the excepthook repeats as the last line: bad input, a path the user gave that cannot be used (an output
+# that exists, a folder that does not, no permission), and a training stopped on a non-finite loss
+LAST_LINE_ERRORS: tuple[type[BaseException], ...] = (
+    DataFormatError,
+    FileExistsError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FloatingPointError,
+)
 
 
 def install_excepthook() -> None:
