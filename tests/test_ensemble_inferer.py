@@ -174,3 +174,20 @@ def test_channels_last_inputs_give_the_same_ensemble_and_reach_the_network_as_nh
     assert nhwc["mean"].dtype == torch.float32
     with pytest.raises(ValueError, match="channels_last"):
         _inferer(channels_last="sideways")
+
+
+def test_amp_auto_follows_the_devices_native_bf16_and_is_recorded_by_name():
+    from bundle.inferers.autocast import native_bf16, precision_name, resolve_autocast
+
+    cpu = torch.device("cpu")
+    native = bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    assert native_bf16(cpu) is native
+    assert resolve_autocast("auto", cpu) == (torch.bfloat16 if native else None)
+    assert precision_name("auto", cpu) == ("bfloat16" if native else "float32")
+    assert precision_name(False, cpu) == "float32" and precision_name("fp16", cpu) == "float16"
+    assert resolve_autocast(True, cpu) == torch.bfloat16  # true forces bf16 whatever the hardware
+    net, images = _generator(), torch.randn(2, 3, 16, 16)
+    auto = _inferer(num_generations=2, outputs="samples", autocast="auto")
+    assert auto.autocast == "auto" and auto.network_dtype(cpu) == resolve_autocast("auto", cpu)
+    forced = _inferer(num_generations=2, outputs="samples", autocast=torch.bfloat16 if native else None)
+    torch.testing.assert_close(auto.ensemble(images, net, _generators(4)), forced.ensemble(images, net, _generators(4)))

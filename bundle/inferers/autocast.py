@@ -15,7 +15,16 @@ from torch import nn
 
 from bundle.runtime import FALSE, TRUE, as_bool, unwrap_network
 
-__all__ = ["AutocastNetwork", "ChannelsLastNetwork", "autocast_dtype", "to_channels_last", "to_float32"]
+__all__ = [
+    "AutocastNetwork",
+    "ChannelsLastNetwork",
+    "autocast_dtype",
+    "native_bf16",
+    "precision_name",
+    "resolve_autocast",
+    "to_channels_last",
+    "to_float32",
+]
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -36,6 +45,32 @@ def autocast_dtype(value: str | torch.dtype | bool | None) -> torch.dtype | None
     if str(value).lower() not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {value!r}")
     return AUTOCAST_DTYPES[str(value).lower()]
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA device with bf16, or an x86 CPU with AMX or AVX-512 BF16
+    (detected at run time; elsewhere bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def resolve_autocast(value: str | torch.dtype | bool | None, device: torch.device | str) -> torch.dtype | None:
+    """``autocast_dtype`` of ``value``, where ``"auto"`` is bf16 on a device with native bf16 and full precision
+    elsewhere."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    return autocast_dtype(value)
+
+
+def precision_name(value: str | torch.dtype | bool | None, device: torch.device | str) -> str:
+    """The network precision ``value`` gives on ``device``: "bfloat16", "float16" or "float32" (MLflow params)."""
+    dtype = resolve_autocast(value, device)
+    return "float32" if dtype is None else str(dtype).replace("torch.", "")
 
 
 def to_float32(value: Any) -> Any:

@@ -24,6 +24,7 @@ U-Net or MoSE, or the one prediction of a deterministic U-Net. For every method:
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Sequence
 from functools import partial
@@ -35,11 +36,13 @@ from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-from bundle.inferers.autocast import AutocastNetwork, ChannelsLastNetwork, autocast_dtype
+from bundle.inferers.autocast import AutocastNetwork, ChannelsLastNetwork, autocast_dtype, resolve_autocast
 from bundle.inferers.samplers import Sampler, repeat_rows, take_rows
 from bundle.runtime import as_bool, unwrap_network
 
 __all__ = ["EnsembleInferer", "OUTPUT_KEYS"]
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_KEYS = ("mean", "uncertainty", "samples", "weights")
 
@@ -62,7 +65,9 @@ class EnsembleInferer(Inferer):
         label_channels: label channels C, when the network has no ``label_channels`` attribute.
         generation_batch_size: most rows (image x generation) per sampler call; None: all at once.
         seed: seed of the noise (see the module docstring); None: torch's global random stream.
-        autocast: "bfloat16" / "float16" / True (bf16) for reduced-precision network calls; None/False: fp32.
+        autocast: "bfloat16" / "float16" / True (bf16) for reduced-precision network calls; None/False: fp32;
+            "auto": bf16 where the inputs' device computes it natively (CUDA with bf16, CPUs with AMX or AVX-512
+            BF16), fp32 elsewhere, decided at the first call and logged.
         channels_last: hand the network its image-shaped inputs in channels-last memory format (same values;
             faster oneDNN convolutions on CPUs).
         whole_slices: volumes cut along ``slice_axis`` go through the network one whole slice at a time (padded by
@@ -111,13 +116,26 @@ class EnsembleInferer(Inferer):
         self.label_channels = int(label_channels)
         self.generation_batch_size = generation_batch_size
         self.seed = seed
-        self.autocast = autocast_dtype(autocast)
+        auto = isinstance(autocast, str) and autocast.strip().lower() == "auto"
+        self.autocast = "auto" if auto else autocast_dtype(autocast)
+        self._resolved: dict[str, torch.dtype | None] = {}
         self.channels_last = as_bool(channels_last, "channels_last")
         self.whole_slices = as_bool(whole_slices, "whole_slices")
         self.size_divisor = int(size_divisor)
         if self.size_divisor < 1:
             raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
         self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+
+    def network_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of the network calls on ``device`` (None: fp32); ``"auto"`` is resolved once per
+        device type and logged."""
+        if self.autocast != "auto":
+            return self.autocast
+        if device.type not in self._resolved:
+            self._resolved[device.type] = resolve_autocast("auto", device)
+            chosen = self._resolved[device.type]
+            logger.info("amp auto: %s network calls on %s", "bf16" if chosen else "fp32 (no native bf16)", device)
+        return self._resolved[device.type]
 
     # -------------------------------------------------------------------------------------------- noise
     def noise_stream(self, inputs: torch.Tensor) -> torch.Generator | None:
@@ -220,10 +238,11 @@ class EnsembleInferer(Inferer):
             generators = self.row_generators(batch * n, images.device, stream)
         if len(generators) != batch * n:
             raise ValueError(f"need {batch * n} generators (batch {batch} x {n} generations), got {len(generators)}")
+        dtype = self.network_dtype(images.device)
         if self.channels_last:
-            network = ChannelsLastNetwork(network, self.autocast)
-        elif self.autocast is not None:
-            network = AutocastNetwork(network, self.autocast)
+            network = ChannelsLastNetwork(network, dtype)
+        elif dtype is not None:
+            network = AutocastNetwork(network, dtype)
         condition = repeat_rows(self.sampler.encode(network, images), n)
         generation = torch.arange(n, device=images.device).repeat(batch)
         chunk = self.generation_batch_size or batch * n
