@@ -7,7 +7,9 @@ Files (``save_dir`` is the bundle's ``models/`` folder):
 - ``checkpoints/last.pt``: everything ``--resume`` needs, built by :func:`training_state` from the method's
   slots: ``networks``, ``optimizers`` and ``lr_schedulers`` (each a dict by name, e.g.
   ``last["optimizers"]["generator"]``), the EMA network and state when EMA is on, the method's extra objects
-  (``checkpoint_extras``, e.g. MoSE's gamma schedule), the trainer's epoch and iteration, the best metric so far.
+  (``checkpoint_extras``, e.g. MoSE's gamma schedule), the trainer's epoch and iteration, the best metric so far,
+  and the random states (torch, NumPy, Python, the training transforms': :class:`RandomStates`), so that a seeded
+  run resumed from an epoch boundary continues exactly as the uninterrupted run would have.
   Checkpoints of the bundle before the method-neutral layout (flat keys ``generator``, ``g_optimizer``, ...) are
   converted on resume by :func:`upgrade_legacy_state`.
 Each file is written to a temporary name in the same folder and moved over the old one with ``os.replace``, so a
@@ -77,6 +79,84 @@ class StateCollection:
                 target.load_state_dict(state[name])
 
 
+def _randomizables(transforms: Any) -> list[Any]:
+    """Every MONAI ``Randomizable`` in a transform (``Compose`` nested or not) and the ones it holds as attributes."""
+    from monai.transforms import Compose, Randomizable
+
+    found: list[Any] = []
+
+    def visit(t: Any, depth: int = 0) -> None:
+        if isinstance(t, Compose):
+            for inner in t.transforms:
+                visit(inner, depth)
+            return
+        if isinstance(t, (list, tuple)):
+            for inner in t:
+                visit(inner, depth)
+            return
+        if isinstance(t, Randomizable) and all(t is not f for f in found):
+            found.append(t)
+        if depth < 2 and hasattr(t, "__dict__"):
+            for value in vars(t).values():
+                if isinstance(value, (Randomizable, Compose)):
+                    visit(value, depth + 1)
+
+    visit(transforms)
+    return found
+
+
+def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
+
+
+def _numpy_state_from_torch(state: Mapping[str, Any]) -> tuple:
+    import numpy as np
+
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["name"], keys, state["pos"], state["has_gauss"], state["cached"]
+
+
+class RandomStates:
+    """The random states a training run draws from, as one checkpoint entry (tensors and plain values only, so
+    ``weights_only=True`` loads them): torch's CPU generator, NumPy's and Python's global ones, and the ``R`` of
+    every random MONAI transform in ``transforms`` (the training augmentations)."""
+
+    def __init__(self, transforms: Any = None) -> None:
+        self.transforms = _randomizables(transforms) if transforms is not None else []
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        version, internal, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_torch(np.random.get_state()),
+            "python": {"version": version, "internal": list(internal), "gauss": gauss},
+            "transforms": [_numpy_state_to_torch(t.R.get_state()) for t in self.transforms],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        if len(state["transforms"]) != len(self.transforms):
+            raise ValueError(
+                f"the checkpoint holds the random states of {len(state['transforms'])} transforms, this run has "
+                f"{len(self.transforms)}: were the training transforms changed?"
+            )
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_numpy_state_from_torch(state["numpy"]))
+        python = state["python"]
+        random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+        for transform, saved in zip(self.transforms, state["transforms"]):
+            transform.R.set_state(_numpy_state_from_torch(saved))
+
+
 def training_state(
     networks: Mapping[str, Any],
     optimizers: Mapping[str, Any],
@@ -84,15 +164,18 @@ def training_state(
     extras: Mapping[str, Any] | None = None,
     ema_network: torch.nn.Module | None = None,
     ema: Any = None,
+    random_transforms: Any = None,
 ) -> dict[str, Any]:
     """The ``save_dict`` of ``AtomicCheckpointSaver`` from a method's slots (module docstring).
 
-    ``ema_network``/``ema`` are saved only when EMA is on (``ema`` not None).
+    ``ema_network``/``ema`` are saved only when EMA is on (``ema`` not None); ``random_transforms`` (the training
+    augmentations) have their random states saved with the global ones (``random_states``).
     """
     state: dict[str, Any] = {
         "networks": StateCollection(networks),
         "optimizers": StateCollection(optimizers),
         "lr_schedulers": StateCollection(lr_schedulers),
+        "random_states": RandomStates(random_transforms),
     }
     if ema is not None:
         state["ema_network"] = ema_network
@@ -103,6 +186,9 @@ def training_state(
         state[name] = obj
     return state
 
+
+# entries a checkpoint of an earlier version may lack; resuming it restores the rest
+OPTIONAL_STATES = {"random_states"}
 
 # flat keys of checkpoints written before the method-neutral layout -> (group, name) in the new one
 LEGACY_KEYS = {
@@ -221,6 +307,9 @@ class AtomicCheckpointSaver:
             checkpoint = torch.load(self.last_path, map_location=self.map_location, weights_only=True)
             checkpoint = upgrade_legacy_state(checkpoint)
             objects = self._objects()
+            for optional in OPTIONAL_STATES - set(checkpoint):  # written before they were saved
+                logger.warning(f"{self.last_path}: holds no {optional}; the resumed run draws new random numbers")
+                objects.pop(optional, None)
             missing = sorted(set(objects) - set(checkpoint))
             if missing:
                 raise KeyError(
