@@ -69,6 +69,18 @@ def load(parser: ConfigParser) -> tuple[torch.nn.Module, torch.Tensor]:
     return network, item["image"][None]
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size. ``VmHWM`` belongs to the address space that ``exec`` starts anew;
+    ``getrusage``'s ``ru_maxrss`` survives ``exec`` on Linux, so a spawned child would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_path(name: str, volume: str, num_generations: int, threads: int, queue) -> None:
     """One path in this (fresh) process: seconds, ensemble mean, peak RSS."""
     torch.set_num_threads(threads)
@@ -89,7 +101,7 @@ def run_path(name: str, volume: str, num_generations: int, threads: int, queue) 
             "windows_per_batch": inferer.sw_batch_size,
             "channels_last": inferer.channels_last,
             "mean": out["mean"].as_tensor().numpy(),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": _peak_rss_mib(),
         }
     )
 
