@@ -67,14 +67,14 @@ def input_problem(
 ) -> str | None:
     """Why ``item`` cannot be inferred (one line, without the file name), or None when it can."""
     path = str(item[key])
-    for suffixes, probe in PROBES.items():
-        if path.lower().endswith(suffixes) and os.path.isfile(path):
-            problem = probe(path)
-            if problem is not None:
-                return problem
     try:
         image = preprocessing(dict(item))[key]
     except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
+        for suffixes, probe in PROBES.items():  # the format's own reader says why, rather than MONAI's last one
+            if path.lower().endswith(suffixes) and os.path.isfile(path):
+                problem = probe(path)
+                if problem is not None:
+                    return problem
         named = find_input_error(err)
         if named is not None:
             text = one_line(named)

@@ -120,8 +120,9 @@ def _numpy_state_from_torch(state: Mapping[str, Any]) -> tuple:
 
 class RandomStates:
     """The random states a training run draws from, as one checkpoint entry (tensors and plain values only, so
-    ``weights_only=True`` loads them): torch's CPU generator, NumPy's and Python's global ones, and the ``R`` of
-    every random MONAI transform in ``transforms`` (the training augmentations)."""
+    ``weights_only=True`` loads them): torch's CPU and CUDA generators, NumPy's and Python's global ones, and the
+    ``R`` of every random MONAI transform in ``transforms`` (the training augmentations). Restored in a
+    single-process run only: under torch.distributed each rank keeps its own seed."""
 
     def __init__(self, transforms: Any = None) -> None:
         self.transforms = _randomizables(transforms) if transforms is not None else []
@@ -134,6 +135,7 @@ class RandomStates:
         version, internal, gauss = random.getstate()
         return {
             "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": _numpy_state_to_torch(np.random.get_state()),
             "python": {"version": version, "internal": list(internal), "gauss": gauss},
             "transforms": [_numpy_state_to_torch(t.R.get_state()) for t in self.transforms],
@@ -143,13 +145,22 @@ class RandomStates:
         import random
 
         import numpy as np
+        import torch.distributed as dist
 
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # last.pt holds rank 0's streams; every rank taking them would give all ranks the same crops and noise
+            logger.warning("resuming under torch.distributed: each rank keeps its own seed (seed + rank), so the "
+                           "resumed run draws other random numbers than the uninterrupted one would")  # fmt: skip
+            return
         if len(state["transforms"]) != len(self.transforms):
             raise ValueError(
                 f"the checkpoint holds the random states of {len(state['transforms'])} transforms, this run has "
                 f"{len(self.transforms)}: were the training transforms changed?"
             )
         torch.set_rng_state(state["torch"])
+        cuda = state.get("cuda", [])
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
         np.random.set_state(_numpy_state_from_torch(state["numpy"]))
         python = state["python"]
         random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
