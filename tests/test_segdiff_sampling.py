@@ -142,3 +142,31 @@ def test_ensemble_inferer_runs_segdiff_unchanged():
     out = inferer(torch.randn(1, 3, 32, 32), net)
     assert out["mean"].shape == (1, 1, 32, 32) and 0 <= out["mean"].min() and out["mean"].max() <= 1
     assert out["uncertainty"].max() > 0
+
+
+def test_v_prediction_trains_on_monais_velocity_and_samples_with_monais_ddim_step():
+    scheduler = make_segdiff_scheduler(100, prediction_type="v_prediction")
+    assert scheduler.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type"):
+        make_segdiff_scheduler(100, prediction_type="sample")
+    from bundle.engines.steps.diffusion import DenoisingStep
+
+    x0 = torch.tensor([[[[1.0, -1.0], [-1.0, 1.0]]]])
+    noise = torch.tensor([[[[0.3, -0.7], [1.2, 0.1]]]])
+    index = torch.tensor([70])
+    abar = float(scheduler.alphas_cumprod[70])
+    velocity = math.sqrt(abar) * noise - math.sqrt(1 - abar) * x0  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    torch.testing.assert_close(DenoisingStep(scheduler).target(x0, noise, index), velocity)
+    # a network that outputs the true v recovers x0 in one deterministic DDIM step from any signal level
+    x_t = scheduler.add_noise(x0, noise, index)
+    step = ReverseStep(scheduler, eta=0.0, clip_x0=False)
+    abar_prev = float(scheduler.alphas_cumprod[30])
+    expected = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * noise
+    torch.testing.assert_close(step(velocity, 70, 30, x_t, None), expected, rtol=1e-4, atol=1e-5)
+    monai_ddim = DDIMScheduler(
+        100, schedule="linear_beta", beta_start=1e-3, beta_end=0.2, clip_sample=False, prediction_type="v_prediction"
+    )
+    monai_ddim.set_timesteps(25)
+    torch.testing.assert_close(
+        step(velocity, 99, 95, x_t, None), monai_ddim.step(velocity, 99, x_t)[0], rtol=1e-5, atol=1e-6
+    )

@@ -8,6 +8,10 @@ values) before the first network call. ``on_bad_input``:
   user reads, bundle/data/errors.py);
 - ``"skip"``: the good files are processed; ``<report_dir>/skipped_inputs.csv`` lists each skipped file and why, and
   a warning says how many were skipped.
+
+Training and validation get the same checks in the pass that fills their cache (``CheckedCacheDataset``: every
+image and label is read there anyway), and evaluation over a split before its first volume (``checked_items``); both
+name every bad file at once and stop before computing.
 """
 
 from __future__ import annotations
@@ -15,15 +19,26 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data import CacheDataset
 
 from bundle.data.errors import DataFormatError, find_input_error, one_line
 
-__all__ = ["ON_BAD_INPUT", "SKIP_REPORT", "checked_datalist", "input_problem"]
+__all__ = [
+    "ON_BAD_INPUT",
+    "SKIP_REPORT",
+    "CheckedCacheDataset",
+    "bad_input_error",
+    "checked_datalist",
+    "checked_items",
+    "content_problem",
+    "failure_problem",
+    "input_problem",
+]
 
 ON_BAD_INPUT = ("stop", "skip")
 SKIP_REPORT = "skipped_inputs.csv"
@@ -58,6 +73,43 @@ def _nifti_problem(path: str) -> str | None:
 PROBES = {(".nii", ".nii.gz"): _nifti_problem}
 
 
+def failure_problem(err: BaseException, path: str) -> tuple[str, str]:
+    """``(file, problem)`` for a reader or transform failure on the item whose image is ``path``: the file the error
+    names (an image or its label), else ``path``; the problem in one line."""
+    for suffixes, probe in PROBES.items():  # the format's own reader says why, rather than MONAI's last one
+        if path.lower().endswith(suffixes) and os.path.isfile(path):
+            problem = probe(path)
+            if problem is not None:
+                return path, problem
+    named = find_input_error(err)
+    if named is not None:
+        named_path = getattr(named, "path", None)
+        text = one_line(named)
+        if named_path is not None and text.startswith(named_path + ": "):
+            return named_path, text[len(named_path) + 2 :]
+        return path, (text[len(path) + 2 :] if text.startswith(path + ": ") else text)
+    inner = _innermost(err)
+    lines = str(inner).strip().splitlines()
+    message = lines[-1] if lines else "no message"
+    message = message if len(message) <= 160 else message[:157] + "..."
+    return path, f"unreadable ({type(inner).__name__}: {message})"
+
+
+def content_problem(image: Any, image_channels: int | None = None, spatial_ndim: int | None = None) -> str | None:
+    """Why a loaded, channel-first image cannot go through the model (dimensionality, channels, non-finite values)."""
+    image = torch.as_tensor(image)
+    if spatial_ndim is not None and image.ndim != spatial_ndim + 1:
+        return (
+            f"has {image.ndim - 1} spatial dimensions after loading (shape {tuple(image.shape)}, channel first); "
+            f"this model takes {spatial_ndim}-D images"
+        )
+    if image_channels is not None and image.shape[0] != image_channels:
+        return f"has {image.shape[0]} channels after loading (shape {tuple(image.shape)}); this model takes {image_channels}"
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        return f"holds {int((~torch.isfinite(image)).sum())} non-finite (NaN or inf) values"
+    return None
+
+
 def input_problem(
     item: dict[str, Any],
     preprocessing: Callable[[dict], dict],
@@ -70,31 +122,106 @@ def input_problem(
     try:
         image = preprocessing(dict(item))[key]
     except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
-        for suffixes, probe in PROBES.items():  # the format's own reader says why, rather than MONAI's last one
-            if path.lower().endswith(suffixes) and os.path.isfile(path):
-                problem = probe(path)
-                if problem is not None:
-                    return problem
-        named = find_input_error(err)
-        if named is not None:
-            text = one_line(named)
-            return text[len(path) + 2 :] if text.startswith(path + ": ") else text
-        inner = _innermost(err)
-        lines = str(inner).strip().splitlines()
-        message = lines[-1] if lines else "no message"
-        message = message if len(message) <= 160 else message[:157] + "..."
-        return f"unreadable ({type(inner).__name__}: {message})"
-    image = torch.as_tensor(image)
-    if spatial_ndim is not None and image.ndim != spatial_ndim + 1:
-        return (
-            f"has {image.ndim - 1} spatial dimensions after loading (shape {tuple(image.shape)}, channel first); "
-            f"this model takes {spatial_ndim}-D images"
+        named, problem = failure_problem(err, path)
+        return problem if named == path else f"{named}: {problem}"
+    return content_problem(image, image_channels, spatial_ndim)
+
+
+def bad_input_error(bad: Sequence[tuple[str, str]], total: int, what: str, advice: str) -> DataFormatError:
+    """One error naming every ``(file, problem)`` of ``bad`` (of ``total`` items): the file itself when there is
+    one, else the folder of the first, with every file and problem listed; ``advice`` is appended."""
+    first = bad[0][0]
+    if len(bad) == 1:
+        return DataFormatError(first, f"{bad[0][1]}{advice}")
+    listing = "; ".join(f"{path}: {problem}" for path, problem in bad)
+    return DataFormatError(Path(first).parent, f"{len(bad)} of {total} {what}: {listing}{advice}")
+
+
+def checked_items(
+    datalist: Sequence[dict[str, Any]],
+    preprocessing: Callable[[dict], dict],
+    role: str = "evaluation",
+    image_channels: int | None = None,
+    spatial_ndim: int | None = None,
+    key: str = "image",
+) -> list[dict[str, Any]]:
+    """``datalist`` when every item goes through ``preprocessing`` into a usable image (``content_problem``), else
+    one ``DataFormatError`` naming every bad file (images and labels) before anything is computed."""
+    bad = []
+    for item in datalist:
+        path = str(item[key])
+        try:
+            image = preprocessing(dict(item))[key]
+        except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
+            bad.append(failure_problem(err, path))
+            continue
+        problem = content_problem(image, image_channels, spatial_ndim)
+        if problem is not None:
+            bad.append((path, problem))
+    if bad:
+        raise bad_input_error(
+            bad,
+            len(datalist),
+            f"{role} items are unusable",
+            f" (checked before computing; fix or remove them from the {role} list)",
         )
-    if image_channels is not None and image.shape[0] != image_channels:
-        return f"has {image.shape[0]} channels after loading (shape {tuple(image.shape)}); this model takes {image_channels}"
-    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
-        return f"holds {int((~torch.isfinite(image)).sum())} non-finite (NaN or inf) values"
-    return None
+    return list(datalist)
+
+
+class CheckedCacheDataset(CacheDataset):
+    """MONAI's ``CacheDataset`` whose caching pass is the input check of training and validation.
+
+    Every item goes through the deterministic transforms once, as ``CacheDataset`` does anyway; a failure (the
+    reader, a label check, a transform) or an unusable result (``content_problem``: dimensionality, channels,
+    non-finite values) is recorded instead of stopping at the first, and after the pass one ``DataFormatError``
+    names every bad file and its problem, before the first iteration. ``role`` says which list it is (training,
+    validation) in that message.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict[str, Any]],
+        transform: Callable | Sequence[Callable] | None = None,
+        *args: Any,
+        role: str = "training",
+        image_channels: int | None = None,
+        spatial_ndim: int | None = None,
+        key: str = "image",
+        **kwargs: Any,
+    ) -> None:
+        self.role, self.image_channels, self.spatial_ndim, self.key = role, image_channels, spatial_ndim, key
+        self._problems: list[tuple[int, str, str]] = []
+        super().__init__(data, transform, *args, **kwargs)
+
+    def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
+        self._problems = []
+        cache = super()._fill_cache(indices)
+        if self._problems:
+            bad = [(path, problem) for _, path, problem in sorted(self._problems)]
+            raise bad_input_error(
+                bad,
+                len(self.data),
+                f"{self.role} items are unusable",
+                f" (checked before the first iteration; fix or remove them from the {self.role} list)",
+            )
+        return cache
+
+    def _load_cache_item(self, idx: int) -> Any:
+        item = self.data[idx]
+        path = str(item.get(self.key, f"{self.role} item {idx}")) if isinstance(item, Mapping) else f"item {idx}"
+        try:
+            loaded = super()._load_cache_item(idx)
+        except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
+            self._problems.append((idx, *failure_problem(err, path)))
+            return None
+        samples = loaded if isinstance(loaded, list) else [loaded]
+        for sample in samples:
+            if isinstance(sample, Mapping) and self.key in sample:
+                problem = content_problem(sample[self.key], self.image_channels, self.spatial_ndim)
+                if problem is not None:
+                    self._problems.append((idx, path, problem))
+                    return None
+        return loaded
 
 
 def checked_datalist(
@@ -116,15 +243,9 @@ def checked_datalist(
     if not bad:
         return list(good)
     if on_bad_input == "stop" or not good:
-        listing = "; ".join(f"{path}: {problem}" for path, problem in bad)
-        first = bad[0][0]
         nothing = " (none of the inputs is usable)" if on_bad_input == "skip" else ""
-        raise DataFormatError(
-            first if len(bad) == 1 else Path(first).parent,
-            (bad[0][1] if len(bad) == 1 else f"{len(bad)} of {len(datalist)} inputs cannot be inferred: {listing}")
-            + nothing
-            + "; nothing was computed (--on_bad_input skip processes the others)" * (on_bad_input == "stop"),
-        )
+        stop = "; nothing was computed (--on_bad_input skip processes the others)" * (on_bad_input == "stop")
+        raise bad_input_error(bad, len(datalist), "inputs cannot be inferred", nothing + stop)
     if report_dir is not None:
         report = Path(report_dir) / SKIP_REPORT
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,10 @@ def linear_beta_range(num_timesteps: int, betas: str = "reference") -> tuple[flo
 
 
 def make_segdiff_scheduler(
-    num_timesteps: int = 100, betas: str = "reference", variance_type: str = "fixed_large"
+    num_timesteps: int = 100,
+    betas: str = "reference",
+    variance_type: str = "fixed_large",
+    prediction_type: str = "epsilon",
 ) -> DDPMScheduler:
     """MONAI ``DDPMScheduler`` with SegDiff's linear schedule, eps prediction and no clipping of x0.
 
@@ -45,7 +48,14 @@ def make_segdiff_scheduler(
         betas: ``"reference"`` (linspace(0.1 / T, 20 / T)) or ``"paper"`` (linspace(1e-4, 2e-2), eq. 14).
         variance_type: reverse-step variance, ``"fixed_large"`` (sigma^2 = beta_t, the reference) or
             ``"fixed_small"`` (the true posterior variance).
+        prediction_type: what the network predicts: ``"epsilon"`` (the reference) or ``"v_prediction"``
+            (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022). With the reference schedule abar_50 = 0.074
+            and abar_100 = 2e-5, so the eps loss carries almost no signal about x0 in the second half of the chain
+            (its weight on the x0 error is abar / (1 - abar)); v's weight is 1 / (1 - abar) >= 1 there, which a short
+            (CPU) training needs (docs/results.md, Hippocampus). Same network, schedule and samplers.
     """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     beta_start, beta_end = linear_beta_range(num_timesteps, betas)
     if variance_type not in ("fixed_large", "fixed_small"):
         raise ValueError(f"variance_type must be 'fixed_large' or 'fixed_small', got {variance_type!r}")
@@ -53,7 +63,7 @@ def make_segdiff_scheduler(
         num_train_timesteps=num_timesteps,
         schedule="linear_beta",
         variance_type=variance_type,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=False,
         beta_start=beta_start,
         beta_end=beta_end,
