@@ -9,11 +9,20 @@ loss (``FloatingPointError`` from the trainer, naming the iteration) ends the sa
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from types import TracebackType
 
-__all__ = ["DataFormatError", "LAST_LINE_ERRORS", "find_input_error", "install_excepthook", "one_line"]
+__all__ = [
+    "DataFormatError",
+    "LAST_LINE_ERRORS",
+    "OutputError",
+    "WRITE_ERRNOS",
+    "find_input_error",
+    "install_excepthook",
+    "one_line",
+]
 
 
 class DataFormatError(ValueError):
@@ -44,6 +53,42 @@ class DataFormatError(ValueError):
             super().__init__(f"{self.path}: {problem}")
 
 
+class OutputError(OSError):
+    """An output (a checkpoint, a label volume, a report, a folder) that cannot be written: no permission, a
+    read-only file system, a full disk or quota. The message starts with the path, as ``DataFormatError``'s."""
+
+    def __init__(self, path: str | os.PathLike, problem: str | None = None) -> None:
+        if problem is None:  # the single-argument form pickle uses
+            self.path: str | None = None
+            self.problem: str | None = None
+            super().__init__(str(path))
+        else:
+            self.path = os.fspath(path)
+            self.problem = problem
+            super().__init__(f"{self.path}: {problem}")
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+# OSErrors of a write that the excepthook repeats as the last line, with the file they name
+WRITE_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG, errno.EROFS) if code is not None
+)
+
+
+def _write_error(error: BaseException | None) -> str | None:
+    """``<file>: <reason>`` of a full disk / quota / file-size limit / read-only file system in ``error``'s chain."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            where = error.filename if error.filename is not None else "an output file"
+            return f"{where}: {error.strerror or os.strerror(error.errno)} (nothing was written in its place)"
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def find_input_error(
     error: BaseException | None, kinds: tuple[type[BaseException], ...] = (DataFormatError,)
 ) -> BaseException | None:
@@ -72,15 +117,17 @@ def one_line(error: BaseException) -> str:
 def _excepthook(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
     _previous_hook(kind, error, trace)
     cause = find_input_error(error, LAST_LINE_ERRORS)
-    if cause is not None:
-        print(f"\nerror: {one_line(cause)}", file=sys.stderr, flush=True)
+    line = one_line(cause) if cause is not None else _write_error(error)
+    if line is not None:
+        print(f"\nerror: {line}", file=sys.stderr, flush=True)
 
 
 _previous_hook = sys.excepthook
-# what the excepthook repeats as the last line: bad input, a path the user gave that cannot be used (an output
+# what the excepthook repeats as the last line: bad input, an output that cannot be written, a path the user gave that cannot be used (an output
 # that exists, a folder that does not, no permission), and a training stopped on a non-finite loss
 LAST_LINE_ERRORS: tuple[type[BaseException], ...] = (
     DataFormatError,
+    OutputError,
     FileExistsError,
     FileNotFoundError,
     PermissionError,

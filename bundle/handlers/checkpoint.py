@@ -34,13 +34,15 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from bundle.data.errors import OutputError
 from bundle.runtime import as_bool, process_rank, unwrap_network
 
 logger = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` through a temporary file and ``os.replace`` (permissions follow the umask)."""
+    """``torch.save`` to ``path`` through a temporary file and ``os.replace`` (permissions follow the umask); a failed
+    write (a full disk, a file-size limit, no permission) leaves ``path`` as it was and raises ``OutputError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -50,6 +52,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a failed write (full disk, size limit) as RuntimeError
+        kept = "the previous file is kept" if path.exists() else "no file was written"
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise OutputError(path, f"could not be written ({reason}); {kept}") from err
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,0 +1,82 @@
+"""Outputs that cannot be written: refused before computing, or at the write with the file named and the previous
+file kept (bundle.runtime.check_writable, bundle.handlers.checkpoint.atomic_torch_save, the excepthook's last line).
+
+The full disk is real in the sense that matters: the training process runs under a file-size limit
+(``RLIMIT_FSIZE``, SIGXFSZ ignored), so the kernel refuses the checkpoint write with EFBIG as it would with ENOSPC.
+"""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from workflow_matrix import run_cell, write_tiny_data
+
+from bundle.data.errors import OutputError
+from bundle.runtime import check_writable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_before_anything_is_computed(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    with pytest.raises(OutputError, match=f"^{blocker / 'models'}: output folder cannot be written"):
+        check_writable([tmp_path / "fine", blocker / "models"])
+    assert (tmp_path / "fine").is_dir() and list((tmp_path / "fine").iterdir()) == []
+
+
+def test_an_inference_into_an_unwritable_folder_ends_with_one_line_and_writes_nothing(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/inference.yaml']",
+         "--input_dir", str(inputs), "--output_dir", str(blocker / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {blocker / 'out'}: output folder cannot be written"), last
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_checkpoint_and_names_it(tmp_path):
+    data = write_tiny_data(tmp_path / "data")["synthetic"]
+    root = tmp_path / "run"
+    torch.set_num_threads(1)
+    run_cell("training", "cdal", "synthetic", root, data, extra={"val_interval": 1, "max_epochs": 1})
+    last = root / "models" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    others = [p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix != ".pt"]
+    limit = (max(others) + len(before)) // 2  # the checkpoint no longer fits; the logs and tracking database do
+    assert max(others) + 100_000 < limit, (max(others), limit)
+    script = (
+        "import sys, torch; from pathlib import Path; sys.path.insert(0, 'tests'); import bundle; "
+        "from workflow_matrix import run_cell; torch.set_num_threads(1); "
+        f"run_cell('training', 'cdal', 'synthetic', Path({str(root)!r}), {data!r}, "
+        "extra={'val_interval': 1, 'max_epochs': 2, 'resume': True})"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_limit_file_size(limit),
+    )  # fmt: skip
+    assert run.returncode != 0
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {root / 'models'}") and "could not be written" in line, line
+    assert "the previous file is kept" in line or "no file was written" in line, line
+    assert last.read_bytes() == before  # the good checkpoint is untouched
+    assert not list(root.rglob("*.tmp"))  # and no half-written temporary file is left
+    torch.load(last, weights_only=True)
