@@ -161,7 +161,7 @@ def export(
     metadata["monailabel"] = {
         "dataset": dataset,
         "dimension": dimension,
-        "slice_wise": dimension == 3,
+        "slice_wise": dimension == 3 and int(infer.get_parsed_content("spatial_dims")) == 2,
         "uncertainty": "per-pixel standard deviation of the generations' probabilities (largest over the "
         "foreground classes for multi-class models)",
         "source_checkpoint": str(checkpoint.resolve()),

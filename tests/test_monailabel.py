@@ -330,12 +330,13 @@ def test_info_lists_both_models_with_their_dimensions(server):
     assert status == 200
     info = json.loads(body)
     models = info["models"]
-    assert set(models) == {"monuseg_cdal", "hippocampus_cdal"}
+    assert set(models) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d"}
     assert models["monuseg_cdal"]["dimension"] == 2 and models["monuseg_cdal"]["labels"] == {"nucleus": 1}
     assert models["hippocampus_cdal"]["dimension"] == 3
     assert models["hippocampus_cdal"]["labels"] == {"anterior": 1, "posterior": 2}
     assert models["monuseg_cdal"]["config"]["num_generations"] == 5  # the few-step cDAL default ensemble
-    assert set(info["trainers"]) == {"monuseg_cdal", "hippocampus_cdal"}
+    assert models["hippocampus_cdal_3d"]["dimension"] == 3
+    assert set(info["trainers"]) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d"}
 
 
 def test_tile_inference_returns_a_binary_label_and_stores_the_uncertainty(server, tmp_path):
@@ -414,6 +415,23 @@ def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
     TIMINGS["volume_dice_posterior"] = round(_dice(label == 2, truth == 2), 4)
     if server["real"]:  # hippocampus_001 is in fold 0, which the shipped model never trained on
         assert min(TIMINGS["volume_dice_anterior"], TIMINGS["volume_dice_posterior"]) > 0.75, TIMINGS
+
+
+def test_the_3d_model_returns_labels_in_the_input_grid(server, tmp_path):
+    import nibabel as nib
+
+    url = f"{server['url']}/infer/hippocampus_cdal_3d?image={VOLUME}"
+    fields = {"params": json.dumps({"num_generations": 2})}
+    status, _, body = _timed("infer_volume_3d_N2", lambda: _request(url, "POST", fields=fields))
+    assert status == 200, body[:500]
+    image, label = _read_nifti(body, tmp_path)
+    reference = nib.load(server["volume"])
+    assert label.shape == reference.shape and np.allclose(image.affine, reference.affine)
+    truth = np.asarray(nib.load(server["volume_label"]).dataobj)
+    dice = [_dice(label == c, truth == c) for c in (1, 2)]
+    TIMINGS["volume_3d_dice"] = [round(d, 4) for d in dice]
+    if server["real"]:  # hippocampus_001 is in fold 0, which the shipped 3-D model never trained on
+        assert min(dice) > 0.75, dice
 
 
 @pytest.mark.parametrize(
