@@ -38,6 +38,7 @@ __all__ = [
     "content_problem",
     "failure_problem",
     "input_problem",
+    "warn_if_resized",
 ]
 
 ON_BAD_INPUT = ("stop", "skip")
@@ -124,7 +125,39 @@ def input_problem(
     except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
         named, problem = failure_problem(err, path)
         return problem if named == path else f"{named}: {problem}"
-    return content_problem(image, image_channels, spatial_ndim)
+    problem = content_problem(image, image_channels, spatial_ndim)
+    if problem is None:
+        warn_if_resized(path, image)
+    return problem
+
+
+#: resize factors (either way) beyond which an input is far from the size the model works at
+RESIZE_WARNING_FACTOR = 4.0
+
+
+def warn_if_resized(path: str, image: Any, limit: float = RESIZE_WARNING_FACTOR) -> float | None:
+    """Warn when preprocessing resized ``path`` by more than ``limit`` along an axis (a 12000 x 12000 slide or a
+    1 x 1 image for a 256 x 256 model): the model sees it at a scale it was not trained for. Returns the largest
+    factor (>1: shrunk, <1: enlarged) or None when the image's metadata do not hold its original size."""
+    meta = getattr(image, "meta", None) or {}
+    original = meta.get("spatial_shape")
+    if original is None:
+        return None
+    original = [int(v) for v in torch.as_tensor(original).reshape(-1).tolist()]
+    now = list(torch.as_tensor(image).shape[1:])
+    if len(original) != len(now) or min(original) < 1:
+        return None
+    factors = [o / n for o, n in zip(original, now)]
+    worst = max(factors, key=lambda f: max(f, 1.0 / f))
+    if max(worst, 1.0 / worst) > limit:
+        size = " x ".join(str(v) for v in original)
+        target = " x ".join(str(v) for v in now)
+        change = f"shrunk {worst:.1f}x" if worst > 1 else f"enlarged {1.0 / worst:.1f}x"
+        logger.warning(
+            f"{path}: {size} pixels, {change} to the model's {target}: far from the scale it was trained at; "
+            "expect poorer masks (tile large images, or resample to the training resolution)"
+        )
+    return worst
 
 
 def bad_input_error(bad: Sequence[tuple[str, str]], total: int, what: str, advice: str) -> DataFormatError:

@@ -23,7 +23,7 @@ from PIL import Image
 from bundle.data.aperio import read_aperio_mask
 from bundle.data.errors import DataFormatError
 
-__all__ = ["LoadTiled", "LoadInstanceMaskd", "read_rgb_tile", "read_binary_mask"]
+__all__ = ["LoadTiled", "LoadInstanceMaskd", "high_depth_to_8bit", "read_rgb_tile", "read_binary_mask"]
 
 #: PIL modes that hold 8-bit grey, palette or colour data.
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
@@ -43,22 +43,48 @@ def open_decoded_image(path: str) -> Image.Image:
         raise DataFormatError(path, f"unreadable or corrupt image file ({type(err).__name__}: {err})") from None
 
 
-def read_rgb_tile(path: str | os.PathLike) -> np.ndarray:
-    """Read an 8-bit image file as RGB.
+#: PIL modes of single-channel 16-bit, 32-bit integer and float images (microscopy cameras write them).
+_HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
-    Grey, palette and bilevel images are converted to RGB; an alpha channel is dropped.
+
+def high_depth_to_8bit(array: np.ndarray, path: str = "<image>") -> np.ndarray:
+    """A 16-bit / 32-bit / float grey image on the 0-255 scale of the 8-bit tiles, the bundle's intensity
+    normalisation applies after: linear between its 0.5th and 99.5th percentiles, clipped (a 12-bit camera image in a
+    16-bit container and a float image both come out with the contrast of an 8-bit one). A constant image becomes 0;
+    non-finite values are refused."""
+    values = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise DataFormatError(path, f"holds {int((~np.isfinite(values)).sum())} non-finite (NaN or inf) pixels")
+    low, high = np.percentile(values, (0.5, 99.5))
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def read_rgb_tile(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as 8-bit RGB.
+
+    Grey, palette and bilevel images are converted to RGB; an alpha channel is dropped. Single-channel 16-bit,
+    32-bit integer and float images (microscopy) are rescaled to 0-255 by ``high_depth_to_8bit`` and repeated
+    over the three channels.
 
     Returns:
         uint8 array of shape (H, W, 3), values 0-255.
 
     Raises:
-        DataFormatError: missing, unreadable or corrupt file, or a mode that is not 8-bit.
+        DataFormatError: missing, unreadable or corrupt file, a mode that is neither 8-bit nor high-depth grey,
+            or a high-depth image with non-finite pixels.
     """
     path = os.fspath(path)
     image = open_decoded_image(path)
+    if image.mode in _HIGH_DEPTH_MODES:
+        grey = high_depth_to_8bit(np.asarray(image), path)
+        return np.repeat(grey[..., None], 3, axis=-1)
     if image.mode not in _EIGHT_BIT_MODES:
-        raise DataFormatError(path, f"unsupported image mode {image.mode!r}: expected 8-bit RGB or grey")
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        raise DataFormatError(
+            path, f"unsupported image mode {image.mode!r}: expected 8-bit RGB or grey, or 16-bit / float grey"
+        )
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy (torch.from_numpy)
 
 
 def read_binary_mask(path: str | os.PathLike) -> np.ndarray:
