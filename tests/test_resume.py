@@ -56,6 +56,15 @@ def _assert_same_weights(a: dict, b: dict) -> None:
             assert _differences(a[group], b[group], group) == []
 
 
+def _tracked_runs(root: Path):
+    """The MLflow client of a run folder's tracking database and its runs, oldest first."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return client, sorted(runs, key=lambda r: r.info.start_time)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     return _train(tmp_path_factory.mktemp("uninterrupted"), data, max_epochs=EPOCHS)
@@ -67,6 +76,11 @@ def test_resuming_at_an_epoch_boundary_gives_the_uninterrupted_weights(data, uni
     assert first["trainer"]["iteration"] == 4 and "random_states" in first
     resumed = _train(tmp_path, data, max_epochs=EPOCHS, resume=True)
     _assert_same_weights(resumed, uninterrupted)
+    # the budget stop finished its MLflow run: the resume is a new run of the same name, linked to it
+    (client, runs) = _tracked_runs(tmp_path)
+    assert len(runs) == 2 and runs[0].info.run_name == runs[1].info.run_name
+    assert runs[1].data.tags["resumed_from"] == runs[0].info.run_id
+    assert [m.step for m in client.get_metric_history(runs[1].info.run_id, "val_dice")] == [4]
 
 
 def test_kill_9_mid_run_then_resume_loses_at_most_the_epoch_and_ends_with_the_same_weights(
@@ -99,3 +113,9 @@ def test_kill_9_mid_run_then_resume_loses_at_most_the_epoch_and_ends_with_the_sa
     assert killed["trainer"]["iteration"] in range(2, 2 * EPOCHS, 2)  # an epoch boundary before the end
     resumed = _train(tmp_path, data, max_epochs=EPOCHS, resume=True)
     _assert_same_weights(resumed, uninterrupted)
+    # MLflow shows one training run that continued: the interrupted run's id, its epochs counted on
+    (client, runs) = _tracked_runs(tmp_path)
+    assert len(runs) == 1, [(r.info.run_name, r.info.status) for r in runs]
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_dice")]
+    assert steps == list(range(2, EPOCHS + 1, 2)), steps  # each validated epoch once, none twice
