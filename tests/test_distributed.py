@@ -221,3 +221,67 @@ def test_hippocampus_two_ranks_write_one_checkpoint_pair_and_one_mlflow_run(hipp
     assert last["networks"]["generator"]["head_conv.weight"].shape[0] == 3  # three class channels
     panels = sorted((hippocampus_ddp_run / "eval" / "panels").glob("*.png"))
     assert [p.name for p in panels] == ["validation_epoch_0002.png"]
+
+
+def _rank_process(parent: int, rank: str) -> int | None:
+    """The pid of the worker with ``RANK=rank`` among the descendants of ``parent`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    stack = list(children.get(parent, []))
+    while stack:
+        pid = stack.pop()
+        try:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + rank.encode() in environ:
+            return pid
+        stack += children.get(pid, [])
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc (Linux)")
+def test_a_rank_that_dies_ends_every_rank_within_a_bounded_time_and_is_named(tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "monai.bundle", "run", "training", "--config_file",
+           f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']", "--bundle_root", str(tmp_path),
+           "--dataset_dir", str(tmp_path / "data")]  # fmt: skip
+    for key, value in {**OVERRIDES, "max_epochs": 200, "val_interval": 100}.items():
+        cmd += [f"--{key}", str(value)]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})  # fmt: skip
+        try:
+            deadline = time.time() + 300
+            while "Epoch[2] Complete" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.5)  # both ranks are in their training loop (epoch 2 of 200)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            victim = _rank_process(proc.pid, "1")
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.time()
+            proc.wait(timeout=120)
+            ended_after = time.time() - killed_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert proc.returncode != 0
+    assert ended_after < 60, ended_after  # torchrun's agent stops the surviving rank; nothing hangs in a collective
+    assert _rank_process(proc.pid, "0") is None
+    import re
+
+    root_cause = re.search(
+        r"Root Cause \(first observed failure\):.*?rank\s*: (\d+) .*?exitcode\s*: (-?\d+)", text, re.S
+    )
+    assert root_cause is not None and root_cause.groups() == ("1", "-9"), text[-3000:]  # the failing rank, named
