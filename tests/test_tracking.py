@@ -50,3 +50,7 @@ def test_a_finished_run_extended_by_a_resume_is_a_linked_run_with_its_changes_ta
     assert extension.data.tags["resumed_from"] == first.info.run_id
     assert extension.data.tags["changed_on_resume"] == "max_epochs: 1 -> 2"
     assert [m.step for m in client.get_metric_history(extension.info.run_id, "val_dice")] == [2]
+    # the cosine schedule took the new length (it would otherwise run past its end and rise again)
+    state = torch.load(root / "models" / "checkpoints" / "last.pt", weights_only=True)
+    schedules = state["lr_schedulers"]
+    assert schedules and all(s["T_max"] == 2 for s in schedules.values()), schedules

@@ -81,8 +81,17 @@ class StateCollection:
             target = _unwrapped(obj)
             if isinstance(target, torch.nn.Module):
                 target.load_state_dict(state[name], strict=strict)
-            else:
-                target.load_state_dict(state[name])
+                continue
+            horizon = getattr(target, "T_max", None)  # a cosine schedule's length, as this run configures it
+            target.load_state_dict(state[name])
+            if horizon is not None and target.T_max != horizon:
+                # a resume with another max_epochs (extending a finished run): the schedule continues from where
+                # it stands towards the end of the new length, rather than running past the old one's end
+                logging.getLogger(__name__).warning(
+                    f"{name}: the checkpoint's cosine schedule ends at epoch {target.T_max}, this run at {horizon}; "
+                    f"continuing towards {horizon}"
+                )
+                target.T_max = horizon
 
 
 def _randomizables(transforms: Any) -> list[Any]:
