@@ -25,7 +25,25 @@ __all__ = [
 ]
 
 
-class DataFormatError(ValueError):
+class _PathMessage:
+    """``<path>: <problem>`` errors (mixed into an exception type): ``path`` and ``problem`` attributes, or a bare
+    message in the single-argument form that ``pickle`` and PyTorch's DataLoader use to re-raise an error."""
+
+    def __init__(self, path: str | os.PathLike, problem: str | None = None) -> None:
+        if problem is None:
+            self.path: str | None = None
+            self.problem: str | None = None
+            super().__init__(str(path))
+        else:
+            self.path = os.fspath(path)
+            self.problem = problem
+            super().__init__(f"{self.path}: {problem}")
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class DataFormatError(_PathMessage, ValueError):
     """A data file is missing, unreadable or holds content the readers cannot use.
 
     The message always starts with the offending file path, then the problem, e.g.
@@ -42,33 +60,10 @@ class DataFormatError(ValueError):
         problem: the problem text, or ``None`` when built from a bare message.
     """
 
-    def __init__(self, path: str | os.PathLike, problem: str | None = None) -> None:
-        if problem is None:
-            self.path: str | None = None
-            self.problem: str | None = None
-            super().__init__(str(path))
-        else:
-            self.path = os.fspath(path)
-            self.problem = problem
-            super().__init__(f"{self.path}: {problem}")
 
-
-class OutputError(OSError):
+class OutputError(_PathMessage, OSError):
     """An output (a checkpoint, a label volume, a report, a folder) that cannot be written: no permission, a
     read-only file system, a full disk or quota. The message starts with the path, as ``DataFormatError``'s."""
-
-    def __init__(self, path: str | os.PathLike, problem: str | None = None) -> None:
-        if problem is None:  # the single-argument form pickle uses
-            self.path: str | None = None
-            self.problem: str | None = None
-            super().__init__(str(path))
-        else:
-            self.path = os.fspath(path)
-            self.problem = problem
-            super().__init__(f"{self.path}: {problem}")
-
-    def __str__(self) -> str:
-        return self.args[0] if self.args else ""
 
 
 # OSErrors of a write that the excepthook repeats as the last line, with the file they name
