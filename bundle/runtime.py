@@ -15,7 +15,6 @@ Nothing here imports from the rest of the bundle.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ from torch import nn
 
 __all__ = [
     "served_checkpoint",
-    "check_writable",
     "TRUE",
     "FALSE",
     "as_bool",
@@ -153,32 +151,3 @@ def served_checkpoint(trained: str, pretrained: Mapping[str, str] | None = None,
         logging.getLogger("bundle").warning(f"{trained} does not exist: serving the shipped {method} weights {shipped}")
         return shipped
     return trained
-
-
-def check_writable(folders: Sequence[str | os.PathLike], min_free_mb: float = 200.0) -> None:
-    """Before a workflow computes anything: every output folder exists (created if needed) and takes a file; a
-    folder that does not raises ``OutputError`` naming it (the last line the user reads), and a folder on a file
-    system with less than ``min_free_mb`` free gets a warning with the free space."""
-    import logging
-    import shutil
-    import tempfile
-
-    from bundle.data.errors import OutputError
-
-    for folder in folders:
-        if folder is None:
-            continue
-        folder = os.fspath(folder)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check_"):
-                pass
-        except OSError as err:
-            raise OutputError(
-                folder, f"output folder cannot be written ({err.strerror or err}); nothing was computed"
-            ) from err
-        free_mb = shutil.disk_usage(folder).free / 2**20
-        if free_mb < min_free_mb:
-            logging.getLogger("bundle").warning(
-                f"{folder}: only {free_mb:.0f} MB free on its file system; outputs may not fit"
-            )

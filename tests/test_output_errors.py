@@ -1,5 +1,5 @@
 """Outputs that cannot be written: refused before computing, or at the write with the file named and the previous
-file kept (bundle.runtime.check_writable, bundle.handlers.checkpoint.atomic_torch_save, the excepthook's last line).
+file kept (bundle.data.checks.check_writable, bundle.handlers.checkpoint.atomic_torch_save, the excepthook's last line).
 
 The full disk is real in the sense that matters: the training process runs under a file-size limit
 (``RLIMIT_FSIZE``, SIGXFSZ ignored), so the kernel refuses the checkpoint write with EFBIG as it would with ENOSPC.
@@ -16,8 +16,8 @@ import pytest
 import torch
 from workflow_matrix import run_cell, write_tiny_data
 
+from bundle.data.checks import check_writable
 from bundle.data.errors import OutputError
-from bundle.runtime import check_writable
 
 REPO = Path(__file__).resolve().parents[1]
 

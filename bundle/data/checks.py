@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from monai.data import CacheDataset
 
-from bundle.data.errors import DataFormatError, find_input_error, one_line
+from bundle.data.errors import DataFormatError, OutputError, find_input_error, one_line
 
 __all__ = [
     "ON_BAD_INPUT",
@@ -34,6 +34,7 @@ __all__ = [
     "CheckedCacheDataset",
     "bad_input_error",
     "checked_datalist",
+    "check_writable",
     "checked_items",
     "content_problem",
     "failure_problem",
@@ -291,3 +292,29 @@ def checked_datalist(
         where = ""
     logger.warning("skipping %d of %d inputs that cannot be inferred%s", len(bad), len(datalist), where)
     return list(good)
+
+
+def check_writable(folders: Sequence[str | os.PathLike], min_free_mb: float = 200.0) -> None:
+    """Before a workflow computes anything: every output folder exists (created if needed) and takes a file; a
+    folder that does not raises ``OutputError`` naming it (the last line the user reads), and a folder on a file
+    system with less than ``min_free_mb`` free gets a warning with the free space."""
+    import shutil
+    import tempfile
+
+    for folder in folders:
+        if folder is None:
+            continue
+        folder = os.fspath(folder)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check_"):
+                pass
+        except OSError as err:
+            raise OutputError(
+                folder, f"output folder cannot be written ({err.strerror or err}); nothing was computed"
+            ) from err
+        free_mb = shutil.disk_usage(folder).free / 2**20
+        if free_mb < min_free_mb:
+            logger.warning(
+                f"{folder}: only {free_mb:.0f} MB free on its file system; outputs may not fit"
+            )
