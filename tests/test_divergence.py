@@ -1,8 +1,10 @@
 """A non-finite loss in any method stops training with the iteration named and the last good checkpoint kept.
 
 Real runs on the tiny synthetic data (tests/workflow_matrix.py): one good epoch is trained and checkpointed; the run
-is resumed with a normalisation constant that overflows the inputs to inf (a real fault, as a wrong intensity
-statistic would be), so the next iteration's loss is non-finite.
+is resumed with the training augmentation's normalisation dividing by 1e-38 (a real fault, as a wrong intensity
+statistic in the augmentation pipeline would be), so the next iteration's inputs overflow to inf and its loss is
+non-finite. (The same constant in the cached validation transforms no longer gets that far: the input checks refuse
+the non-finite images before the first iteration, tests/test_input_checks.py.)
 """
 
 import logging
@@ -12,6 +14,15 @@ import torch
 from workflow_matrix import METHODS, run_cell, write_tiny_data
 
 from bundle.data.errors import LAST_LINE_ERRORS, find_input_error, one_line
+
+NORMALISE = 5  # train.yaml's train_transforms: crop, two flips, affine, colour jitter, then the normalisation
+OVERFLOWING_NORMALISATION = {
+    "_target_": "NormalizeIntensityd",
+    "keys": "image",
+    "subtrahend": "@intensity_mean",
+    "divisor": [1e-38, 1e-38, 1e-38],
+    "channel_wise": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +43,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(met
         with pytest.raises(RuntimeError) as caught:  # MONAI's config evaluation wraps the trainer's error
             run_cell(
                 "training", method, "synthetic", tmp_path, data,
-                extra={"resume": True, "max_epochs": 2, "intensity_std": [1e-38, 1e-38, 1e-38]},
+                extra={"resume": True, "max_epochs": 2, f"train_transforms#{NORMALISE}": OVERFLOWING_NORMALISATION},
             )  # fmt: skip
     finally:
         logging.disable(logging.NOTSET)
