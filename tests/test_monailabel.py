@@ -420,7 +420,7 @@ def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
 def test_the_3d_model_returns_labels_in_the_input_grid(server, tmp_path):
     import nibabel as nib
 
-    url = f"{server['url']}/infer/hippocampus_cdal_3d?image={VOLUME}"
+    url = f"{server['url']}/infer/hippocampus_cdal_3d?image={VOLUME}&output=image"
     fields = {"params": json.dumps({"num_generations": 2})}
     status, _, body = _timed("infer_volume_3d_N2", lambda: _request(url, "POST", fields=fields))
     assert status == 200, body[:500]
