@@ -24,6 +24,7 @@ from monai.utils import set_determinism
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import bundle  # noqa
+from bundle.engines.steps.diffusion import DenoisingStep, denoising_loss  # noqa: E402
 
 opts = dict(
     dataset_dir="../shared/data/hippocampus/Task04_Hippocampus",
@@ -63,6 +64,7 @@ p["sampling_steps"] = opts["steps"]
 p["prediction_type"] = opts["prediction"]
 net = p.get_parsed_content("train_network")
 sched = p.get_parsed_content("noise_scheduler")
+step = DenoisingStep(sched)
 sampler = p.get_parsed_content("sampler")
 datalist = p.get_parsed_content("datalist")
 train_loader = p.get_parsed_content("train#dataloader")
@@ -83,7 +85,8 @@ print("probe slices", pi.shape, flush=True)
 
 
 def dice_of(x, lab):
-    # x: label estimate in [-1,1] (B,3,H,W) -> class vote as the eval does (channel > 0, argmax)
+    # x: label estimate in [-1,1] (B,3,H,W) -> the highest class probability among those above 0.5 (the
+    # evaluation's VoteArgmaxd gives ties to the lower class instead; they differ only where two classes pass 0.5)
     prob = ((x + 1) / 2).clamp(0, 1)
     votes = (prob > 0.5).float() * prob
     pred = votes.argmax(1)
@@ -128,8 +131,7 @@ while it < opts["iters"]:
         idx = torch.randint(0, sched.num_train_timesteps, (label.shape[0],))
         noise = torch.randn_like(label)
         pred = net(sched.add_noise(label, noise, idx), idx, image=image)
-        target = noise if opts["prediction"] == "epsilon" else sched.get_velocity(label, noise, idx)
-        loss = ((pred - target) ** 2).sum(dim=tuple(range(1, pred.ndim))).mean()
+        loss = denoising_loss(step.target(label, noise, idx), pred)  # the training step's target and loss
         opt.zero_grad()
         loss.backward()
         opt.step()

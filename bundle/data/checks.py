@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from monai.data import CacheDataset
 
-from bundle.data.errors import DataFormatError, OutputError, find_input_error, one_line
+from bundle.data.errors import DataFormatError, OutputError, error_chain, find_input_error, one_line
 
 __all__ = [
     "ON_BAD_INPUT",
@@ -39,6 +39,7 @@ __all__ = [
     "content_problem",
     "failure_problem",
     "input_problem",
+    "item_problem",
     "warn_if_resized",
 ]
 
@@ -48,11 +49,8 @@ logger = logging.getLogger(__name__)
 
 
 def _innermost(error: BaseException) -> BaseException:
-    seen: set[int] = set()
-    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return error
+    *_, last = error_chain(error)
+    return last
 
 
 def _nifti_problem(path: str) -> str | None:
@@ -112,6 +110,27 @@ def content_problem(image: Any, image_channels: int | None = None, spatial_ndim:
     return None
 
 
+def item_problem(
+    item: dict[str, Any],
+    preprocessing: Callable[[dict], dict],
+    image_channels: int | None = None,
+    spatial_ndim: int | None = None,
+    key: str = "image",
+) -> tuple[str, str] | None:
+    """``(file, problem)`` when ``item`` cannot go through the model (the file: the one the error names, else the
+    item's image), or None when it can (then an input far from the model's size gets ``warn_if_resized``)."""
+    path = str(item[key])
+    try:
+        image = preprocessing(dict(item))[key]
+    except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
+        return failure_problem(err, path)
+    problem = content_problem(image, image_channels, spatial_ndim)
+    if problem is not None:
+        return path, problem
+    warn_if_resized(path, image)
+    return None
+
+
 def input_problem(
     item: dict[str, Any],
     preprocessing: Callable[[dict], dict],
@@ -119,17 +138,12 @@ def input_problem(
     spatial_ndim: int | None = None,
     key: str = "image",
 ) -> str | None:
-    """Why ``item`` cannot be inferred (one line, without the file name), or None when it can."""
-    path = str(item[key])
-    try:
-        image = preprocessing(dict(item))[key]
-    except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
-        named, problem = failure_problem(err, path)
-        return problem if named == path else f"{named}: {problem}"
-    problem = content_problem(image, image_channels, spatial_ndim)
-    if problem is None:
-        warn_if_resized(path, image)
-    return problem
+    """Why ``item`` cannot be inferred (one line, without the item's own file name), or None when it can."""
+    found = item_problem(item, preprocessing, image_channels, spatial_ndim, key)
+    if found is None:
+        return None
+    named, problem = found
+    return problem if named == str(item[key]) else f"{named}: {problem}"
 
 
 #: resize factors (either way) beyond which an input is far from the size the model works at
@@ -181,17 +195,8 @@ def checked_items(
 ) -> list[dict[str, Any]]:
     """``datalist`` when every item goes through ``preprocessing`` into a usable image (``content_problem``), else
     one ``DataFormatError`` naming every bad file (images and labels) before anything is computed."""
-    bad = []
-    for item in datalist:
-        path = str(item[key])
-        try:
-            image = preprocessing(dict(item))[key]
-        except Exception as err:  # noqa: BLE001 - every failure of a reader or transform is a reason to report
-            bad.append(failure_problem(err, path))
-            continue
-        problem = content_problem(image, image_channels, spatial_ndim)
-        if problem is not None:
-            bad.append((path, problem))
+    found = (item_problem(item, preprocessing, image_channels, spatial_ndim, key) for item in datalist)
+    bad = [problem for problem in found if problem is not None]
     if bad:
         raise bad_input_error(
             bad,

@@ -19,6 +19,7 @@ __all__ = [
     "LAST_LINE_ERRORS",
     "OutputError",
     "WRITE_ERRNOS",
+    "error_chain",
     "find_input_error",
     "install_excepthook",
     "one_line",
@@ -72,15 +73,21 @@ WRITE_ERRNOS = frozenset(
 )
 
 
-def _write_error(error: BaseException | None) -> str | None:
-    """``<file>: <reason>`` of a full disk / quota / file-size limit / read-only file system in ``error``'s chain."""
+def error_chain(error: BaseException | None):
+    """``error``, then its ``__cause__`` (else ``__context__``), and so on, each once."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
-            where = error.filename if error.filename is not None else "an output file"
-            return f"{where}: {error.strerror or os.strerror(error.errno)} (nothing was written in its place)"
+        yield error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
+
+
+def _write_error(error: BaseException | None) -> str | None:
+    """``<file>: <reason>`` of a full disk / quota / file-size limit / read-only file system in ``error``'s chain."""
+    for link in error_chain(error):
+        if isinstance(link, OSError) and link.errno in WRITE_ERRNOS:
+            where = link.filename if link.filename is not None else "an output file"
+            return f"{where}: {link.strerror or os.strerror(link.errno)} (nothing was written in its place)"
     return None
 
 
@@ -88,13 +95,7 @@ def find_input_error(
     error: BaseException | None, kinds: tuple[type[BaseException], ...] = (DataFormatError,)
 ) -> BaseException | None:
     """The first exception of ``kinds`` in ``error``'s chain (``__cause__``, then ``__context__``), if any."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kinds):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+    return next((link for link in error_chain(error) if isinstance(link, kinds)), None)
 
 
 def one_line(error: BaseException) -> str:
@@ -118,8 +119,9 @@ def _excepthook(kind: type[BaseException], error: BaseException, trace: Tracebac
 
 
 _previous_hook = sys.excepthook
-# what the excepthook repeats as the last line: bad input, an output that cannot be written, a path the user gave that cannot be used (an output
-# that exists, a folder that does not, no permission), and a training stopped on a non-finite loss
+# what the excepthook repeats as the last line: bad input, an output that cannot be written, a path the user gave
+# that cannot be used (an output that exists, a folder that does not, no permission), and a training stopped on a
+# non-finite loss
 LAST_LINE_ERRORS: tuple[type[BaseException], ...] = (
     DataFormatError,
     OutputError,

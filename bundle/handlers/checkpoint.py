@@ -34,7 +34,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from bundle.data.errors import OutputError
+from bundle.data.errors import OutputError, error_chain
 from bundle.runtime import as_bool, process_rank, unwrap_network
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch reports a failed write (full disk, size limit) as RuntimeError
+    except (OSError, RuntimeError) as err:
+        written = any(isinstance(link, OSError) for link in error_chain(err)) or "writ" in str(err).lower()
+        if not written:
+            raise  # not a write failure (torch reports those as RuntimeError: "failed writing file ...")
         kept = "the previous file is kept" if path.exists() else "no file was written"
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise OutputError(path, f"could not be written ({reason}); {kept}") from err
@@ -81,17 +84,26 @@ class StateCollection:
             target = _unwrapped(obj)
             if isinstance(target, torch.nn.Module):
                 target.load_state_dict(state[name], strict=strict)
-                continue
-            horizon = getattr(target, "T_max", None)  # a cosine schedule's length, as this run configures it
-            target.load_state_dict(state[name])
-            if horizon is not None and target.T_max != horizon:
-                # a resume with another max_epochs (extending a finished run): the schedule continues from where
-                # it stands towards the end of the new length, rather than running past the old one's end
-                logging.getLogger(__name__).warning(
-                    f"{name}: the checkpoint's cosine schedule ends at epoch {target.T_max}, this run at {horizon}; "
+            else:
+                target.load_state_dict(state[name])
+
+
+class ScheduleCollection(StateCollection):
+    """The learning-rate schedules of a run: restored as ``StateCollection``, except that a cosine schedule keeps
+    this run's length (``T_max``). Resumed with another ``max_epochs`` (extending a finished run), it continues from
+    where it stands towards the new end, rather than past the old one's end, where its learning rate rises again."""
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        horizons = {name: getattr(_unwrapped(obj), "T_max", None) for name, obj in self.objects.items()}
+        super().load_state_dict(state, strict)
+        for name, horizon in horizons.items():
+            schedule = _unwrapped(self.objects[name])
+            if horizon is not None and schedule.T_max != horizon:
+                logger.warning(
+                    f"{name}: the checkpoint's cosine schedule ends at epoch {schedule.T_max}, this run at {horizon}; "
                     f"continuing towards {horizon}"
                 )
-                target.T_max = horizon
+                schedule.T_max = horizon
 
 
 def _randomizables(transforms: Any) -> list[Any]:
@@ -200,7 +212,7 @@ def training_state(
     state: dict[str, Any] = {
         "networks": StateCollection(networks),
         "optimizers": StateCollection(optimizers),
-        "lr_schedulers": StateCollection(lr_schedulers),
+        "lr_schedulers": ScheduleCollection(lr_schedulers),
         "random_states": RandomStates(random_transforms),
     }
     if ema is not None:

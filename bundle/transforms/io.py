@@ -52,13 +52,15 @@ def high_depth_to_8bit(array: np.ndarray, path: str = "<image>") -> np.ndarray:
     normalisation applies after: linear between its 0.5th and 99.5th percentiles, clipped (a 12-bit camera image in a
     16-bit container and a float image both come out with the contrast of an 8-bit one). A constant image becomes 0;
     non-finite values are refused."""
+    from monai.transforms import ScaleIntensityRangePercentiles
+
     values = np.asarray(array, dtype=np.float64)
     if not np.isfinite(values).all():
         raise DataFormatError(path, f"holds {int((~np.isfinite(values)).sum())} non-finite (NaN or inf) pixels")
-    low, high = np.percentile(values, (0.5, 99.5))
-    if high <= low:
+    if np.percentile(values, 99.5) <= np.percentile(values, 0.5):
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
+    stretch = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=255.0, clip=True)
+    return np.round(np.asarray(stretch(values))).astype(np.uint8)
 
 
 def read_rgb_tile(path: str | os.PathLike) -> np.ndarray:
