@@ -13,8 +13,9 @@ On a CUDA machine it runs, each step in its own process with its own time limit:
 
 It writes one JSON (``--json``) and appends one dated Markdown section to ``docs/benchmarks.md`` (``--markdown``).
 Without CUDA the same steps run on the CPU at tiny sizes (two iterations, small images, gloo with two processes),
-so that the script keeps working where there is no GPU (``tests/test_gpu_check.py``); that run writes its
-Markdown to ``eval/`` unless ``--markdown`` says otherwise.
+two steps at a time with one thread each (``--jobs``), so that the script keeps working where there is no GPU
+(``tests/test_gpu_check.py``, under a minute on two cores); that run writes its Markdown to ``eval/`` unless
+``--markdown`` says otherwise.
 
     python scripts/gpu_check.py                      # on the GPU machine: everything, ~8 minutes
     python scripts/gpu_check.py --tiny               # the CPU smoke run (also the default without CUDA)
@@ -102,6 +103,24 @@ def steps(cuda: bool, tiny: bool, work: Path) -> list[tuple[str, list[str], int]
     ]
 
 
+def run_steps(chosen: list[tuple[str, list[str], int]], threads: int, jobs: int) -> list[dict]:
+    """Run the steps, ``jobs`` at a time, reported in their order. The first training step runs before the other
+    trainings (it writes the synthetic data they share); the benchmark needs no data and runs beside it."""
+    if jobs <= 1:
+        return [run_step(name, command, limit, threads) for name, command, limit in chosen]
+    from concurrent.futures import ThreadPoolExecutor
+
+    trainings = [s for s in chosen if s[0] != "benchmark"]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {s[0]: pool.submit(run_step, *s, threads) for s in chosen if s[0] == "benchmark"}
+        if trainings:
+            first = trainings[0]
+            futures[first[0]] = pool.submit(run_step, *first, threads)
+            futures[first[0]].result()
+            futures.update({s[0]: pool.submit(run_step, *s, threads) for s in trainings[1:]})
+        return [futures[name].result() for name, _, _ in chosen]
+
+
 def run_step(name: str, command: list[str], limit: int, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
@@ -157,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument("--json", type=Path, default=None, help="default eval/gpu_check_<time>.json")
     cli.add_argument("--markdown", type=Path, default=None, help="default docs/benchmarks.md (CUDA) or eval/")
     cli.add_argument("--work_dir", type=Path, default=None, help="runs and data (default: a temporary folder)")
+    cli.add_argument(
+        "--jobs", type=int, default=None,
+        help="steps run at once (default: 1 with CUDA, where the timings are the point; 2 on a CPU, one thread each)",
+    )  # fmt: skip
     args = cli.parse_args(argv)
     cuda = torch.cuda.is_available()
     tiny = args.tiny or not cuda
@@ -176,14 +199,13 @@ def main(argv: list[str] | None = None) -> dict:
         "tiny": tiny,
         "steps": [],
     }
+    jobs = args.jobs or (1 if cuda else min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         threads = 1 if tiny else max(1, (os.cpu_count() or 2) // max(1, machine["gpus"]))
-        for name, command, limit in steps(cuda, tiny, work):
-            if args.steps and name not in args.steps:
-                continue
-            result["steps"].append(run_step(name, command, limit, threads))
+        chosen = [s for s in steps(cuda, tiny, work) if not args.steps or s[0] in args.steps]
+        result["steps"] = run_steps(chosen, threads, jobs)
         bench = work / "benchmark.json"
         if bench.is_file():
             result["benchmark_rows"] = json.loads(bench.read_text()).get("rows", [])

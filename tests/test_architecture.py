@@ -32,6 +32,7 @@ def test_no_lower_package_imports_engines():
 
 def test_runtime_helpers_import_no_other_bundle_module():
     assert not [m for m in _imports(PACKAGE / "runtime.py") if m.startswith("bundle")]
+    assert not [m for m in _imports(PACKAGE / "files.py") if m.startswith("bundle")]
 
 
 def test_inferers_do_not_depend_on_any_method():

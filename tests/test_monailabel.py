@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,10 @@ TILE = "TCGA-21-5784-01Z-00-DX1"
 TRAIN_TILES = ["TCGA-21-5786-01Z-00-DX1", "TCGA-50-5931-01Z-00-DX1"]
 VOLUME = "hippocampus_001"
 TIMINGS: dict[str, float] = {}
+THREADS = os.environ.get("OMP_NUM_THREADS", "2")
+# the server's limits in this test (the defaults are far larger): the 1000 x 1000 tiles and the volumes pass
+MAX_IMAGE_VOXELS = 2_000_000
+MAX_UPLOAD_MB = 8
 
 
 # ------------------------------------------------------------------------------------------------ HTTP helpers
@@ -129,7 +134,7 @@ def _train(root: Path, configs: list[str], overrides: dict) -> Path:
     ]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     model = root / "models" / "model.pt"
@@ -233,7 +238,7 @@ def server(monailabel_venv, source_files, tmp_path_factory):
     env = {
         **os.environ,
         "PATH": f"{monailabel_venv / 'bin'}:{os.environ['PATH']}",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": THREADS,
         "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
         "PYTHONWARNINGS": "ignore",
     }
@@ -252,6 +257,12 @@ def server(monailabel_venv, source_files, tmp_path_factory):
         "--conf",
         "zoo_source",
         "github",
+        "--conf",
+        "max_image_voxels",
+        str(MAX_IMAGE_VOXELS),
+        "--conf",
+        "max_upload_mb",
+        str(MAX_UPLOAD_MB),
         "--host",
         "127.0.0.1",
         "--port",
@@ -272,7 +283,14 @@ def server(monailabel_venv, source_files, tmp_path_factory):
             time.sleep(1)
         TIMINGS["server_start"] = round(time.perf_counter() - start, 1)
         assert proc.poll() is None, f"server exited:\n{(work / 'server.log').read_text()[-5000:]}"
-        yield {"url": url, "studies": studies, "bundles": bundles, "log": work / "server.log", **source_files}
+        yield {
+            "url": url,
+            "pid": proc.pid,
+            "studies": studies,
+            "bundles": bundles,
+            "log": work / "server.log",
+            **source_files,
+        }
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -457,6 +475,153 @@ def test_a_bad_option_is_refused_and_the_next_request_succeeds(server):
     assert code == 422 and "num_generations" in json.loads(body)["detail"]
     code, _, body = _request(url, "POST", fields={"params": json.dumps({"num_generations": 2})})
     assert code == 200 and json.loads(body)["num_generations"] == 2
+
+
+# ------------------------------------------------------------------------------------------- load and abuse
+LOAD: dict = {}
+
+
+def _server_rss_mb(pid: int) -> float:
+    """Resident memory of the server's process session (the server and anything it started), in MB."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != pid:  # the session id (the server was started in a new session)
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def _tile_result(server, image: str, generations: int):
+    url = f"{server['url']}/infer/monuseg_cdal?image={image}&output=all"
+    status, headers, body = _request(url, "POST", fields={"params": json.dumps({"num_generations": generations})})
+    if status != 200:
+        return status, None, body
+    parts = _multipart(headers, body)
+    return status, _read_png(parts["image"]), json.loads(parts["params"])
+
+
+LOAD_CASES = [(image, n) for image in (TILE, *TRAIN_TILES) for n in (1, 2)]
+
+
+def test_twenty_concurrent_requests_complete_and_none_corrupts_another(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # each (image, ensemble size) alone first: the same file name and N give the same noise, so the same label
+    alone = {}
+    for image, n in LOAD_CASES:
+        status, label, params = _tile_result(server, image, n)
+        assert status == 200, params[:500]
+        alone[(image, n)] = (label, params["uncertainty"]["mean"])
+    LOAD["rss_baseline_mb"] = _server_rss_mb(server["pid"])
+    requests = [LOAD_CASES[i % len(LOAD_CASES)] for i in range(20)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda case: _tile_result(server, *case), requests))
+    TIMINGS["concurrent_20_tiles_s"] = round(time.perf_counter() - start, 1)
+    statuses = [r[0] for r in results]
+    assert set(statuses) <= {200, 503}, statuses
+    served = [(case, r) for case, r in zip(requests, results) if r[0] == 200]
+    assert len(served) >= 10, statuses  # refusals are allowed, but the server must not refuse most of the load
+    for case, (_, label, params) in served:
+        expected, mean = alone[case]
+        assert label.shape == expected.shape and np.array_equal(label, expected), case
+        assert params["num_generations"] == case[1] and abs(params["uncertainty"]["mean"] - mean) < 1e-7, case
+    TIMINGS["concurrent_20_served"] = len(served)
+
+
+def _four_d_volume(path: Path, source: Path) -> Path:
+    import nibabel as nib
+
+    ref = nib.load(source)
+    data = np.asarray(ref.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), ref.affine), path)
+    return path
+
+
+def _nan_volume(path: Path, source: Path) -> Path:
+    import nibabel as nib
+
+    ref = nib.load(source)
+    nib.save(nib.Nifti1Image(np.full(ref.shape, np.nan, np.float32), ref.affine), path)
+    return path
+
+
+def _truncated(path: Path, source: Path) -> Path:
+    payload = Path(source).read_bytes()
+    path.write_bytes(payload[: len(payload) // 2])
+    return path
+
+
+def _bytes(payload: bytes):
+    def make(path: Path, source: Path) -> Path:
+        path.write_bytes(payload)
+        return path
+
+    return make
+
+
+def _oversize_tile(path: Path, source: Path) -> Path:
+    from PIL import Image
+
+    side = int(np.sqrt(MAX_IMAGE_VOXELS)) + 100  # past the server's limit, under its upload size limit
+    Image.fromarray(np.full((side, side, 3), 200, np.uint8)).save(path)
+    return path
+
+
+ABUSE = [
+    # (name, model, query or None, upload file maker or None, status, words in the message)
+    ("truncated.nii.gz", "hippocampus_cdal", None, _truncated, 422, ["hippocampus_cdal", "uploaded image (.nii.gz)"]),
+    ("empty.nii.gz", "hippocampus_cdal", None, _bytes(b""), 422, ["empty (0 bytes)"]),
+    ("four_d.nii.gz", "hippocampus_cdal", None, _four_d_volume, 422, ["hippocampus_cdal", "2 channels"]),
+    ("nan.nii.gz", "hippocampus_cdal", None, _nan_volume, 422, ["non-finite"]),
+    (
+        "garbage.png",
+        "monuseg_cdal",
+        None,
+        _bytes(b"GIF89a not an image"),
+        422,
+        ["monuseg_cdal", "uploaded image (.png)", "cannot read"],
+    ),
+    ("oversize.tif", "monuseg_cdal", None, _oversize_tile, 413, ["voxels", "max_image_voxels"]),
+    ("large.nii.gz", "hippocampus_cdal", None, _bytes(b"\0" * (MAX_UPLOAD_MB + 1) * 2**20), 413, ["max_upload_mb"]),
+    ("dotdot", "monuseg_cdal", f"../studies/{TILE}", None, 400, ["holds a path"]),
+    ("absolute", "monuseg_cdal", "/etc/passwd", None, 403, ["outside this server's datastore"]),
+    ("encoded", "monuseg_cdal", "%2E%2E%2F%2E%2E%2Fetc%2Fpasswd", None, 400, ["holds a path"]),
+]
+
+
+@pytest.mark.parametrize(("name", "model", "query", "make", "status", "words"), ABUSE, ids=[a[0] for a in ABUSE])
+def test_abusive_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(
+    server, tmp_path, name, model, query, make, status, words
+):
+    url = f"{server['url']}/infer/{model}?output=json"
+    if make is not None:
+        upload = make(tmp_path / name, server["volume"])
+        code, _, body = _request(url, "POST", files={"file": upload})
+    else:
+        code, _, body = _request(f"{url}&image={query}", "POST")
+    assert code == status, body[:500]
+    detail = json.loads(body)["detail"]
+    assert all(w in detail for w in words), detail
+    assert tempfile.gettempdir() + "/tmp" not in detail  # the server's temporary paths are not the client's business
+    assert _request(f"{server['url']}/info/")[0] == 200
+
+
+def test_the_server_memory_returns_to_its_baseline_after_the_load(server):
+    assert "rss_baseline_mb" in LOAD, "run with the concurrent-request test before this one"
+    for image, n in LOAD_CASES:  # the same work as before the baseline, after the load and the abuse
+        assert _tile_result(server, image, n)[0] == 200
+    after = _server_rss_mb(server["pid"])
+    TIMINGS["server_rss_baseline_mb"] = round(LOAD["rss_baseline_mb"], 1)
+    TIMINGS["server_rss_after_load_mb"] = round(after, 1)
+    assert after <= 1.10 * LOAD["rss_baseline_mb"], TIMINGS
 
 
 def test_a_short_training_request_completes_and_updates_the_served_model(server):

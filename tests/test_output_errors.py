@@ -78,5 +78,62 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_checkpoint_and_names_i
     assert line.startswith(f"error: {root / 'models'}") and "could not be written" in line, line
     assert "the previous file is kept" in line or "no file was written" in line, line
     assert last.read_bytes() == before  # the good checkpoint is untouched
-    assert not list(root.rglob("*.tmp"))  # and no half-written temporary file is left
+    assert not list(root.rglob(".tmp-*"))  # and no half-written temporary file is left
     torch.load(last, weights_only=True)
+
+
+LABEL_WRITES = """
+import sys
+import numpy as np, nibabel as nib, torch
+from monai.data import MetaTensor
+from bundle.transforms.writers import SaveMaskAndUncertaintyd, save_label_volume
+from bundle.files import write_text_atomic
+out, ref = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+failed = []
+try:  # an incompressible label volume over the good one
+    save_label_volume(rng.integers(0, 3, (64, 64, 64)).astype(np.uint8), nib.load(ref).affine, ref,
+                      out + '/volume.nii.gz', overwrite=True)
+except OSError as err:
+    failed.append(('volume', err.errno))
+try:  # a mask PNG over the good one
+    image = MetaTensor(torch.zeros(3, 800, 800), meta={'filename_or_obj': 'tile.tif'})
+    mask = torch.as_tensor(rng.integers(0, 2, (1, 800, 800)))
+    SaveMaskAndUncertaintyd(out, overwrite=True)({'image': image, 'mask': mask})
+except OSError as err:
+    failed.append(('mask', err.errno))
+try:  # a report over the good one
+    write_text_atomic(out + '/report.csv', 'file,dice\\n' + 'x,0.5\\n' * 50000)
+except OSError as err:
+    failed.append(('report', err.errno))
+print(failed)
+"""
+
+
+def test_labels_masks_and_reports_that_cannot_be_written_leave_the_previous_files_whole(tmp_path):
+    import errno
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    ref = tmp_path / "ref.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 64), np.uint8), np.eye(4)), ref)
+    nib.save(nib.Nifti1Image(np.ones((64, 64, 64), np.uint8), np.eye(4)), out / "volume.nii.gz")
+    Image.fromarray(np.ones((400, 400), np.uint8)).save(out / "masks" / "tile.png")
+    (out / "report.csv").write_text("file,dice\nx,0.9\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert max(len(b) for b in before.values()) < 20_000
+    run = subprocess.run(
+        [sys.executable, "-c", LABEL_WRITES, str(out), str(ref)], cwd=REPO, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_limit_file_size(40_000),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    failed = eval(run.stdout.strip().splitlines()[-1])  # noqa: S307 - our own script's printed list
+    assert [name for name, _ in failed] == ["volume", "mask", "report"], run.stdout
+    assert all(code == errno.EFBIG for _, code in failed), failed  # the kernel refused each write
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # every previous file byte-identical, and no temporary file left beside them
+    assert np.asarray(nib.load(out / "volume.nii.gz").dataobj).min() == 1

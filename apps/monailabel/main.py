@@ -12,9 +12,13 @@ serves a real model without training (``--conf pretrained false`` turns this off
     monailabel start_server --app apps/monailabel --studies <images> --conf zoo_source github \\
         --host 127.0.0.1 --port 8000 [--conf bundles <exported bundles>] [--conf models a,b]
 
-Errors a client causes come back as HTTP errors with a message: 404 for an image id the datastore does not hold,
-422 for an image the model cannot take (unreadable, wrong dimensionality) or a bad option; the server keeps
-serving.
+Errors a client causes come back as HTTP errors with a message, and the server keeps serving: 400 for an image
+id that holds a path (``../x``), 403 for a path outside the datastore and the upload folder, 404 for an image id
+the datastore does not hold, 413 for an image past the server's limits (``--conf max_image_voxels N``, from the
+header before decoding; ``--conf max_upload_mb N``), 422 for an image the model cannot take (empty, truncated,
+unreadable, wrong dimensionality or channels, non-finite values) or a bad option (lib/request_checks.py,
+lib/ensemble_task.py). Requests are served one at a time in the order they arrive (MONAI Label runs inference on
+its event loop), so concurrent clients wait rather than share a model mid-call.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib.ensemble_task import EnsembleBundleInferTask  # noqa: E402
+from lib.request_checks import (  # noqa: E402
+    DEFAULT_MAX_IMAGE_VOXELS,
+    DEFAULT_MAX_UPLOAD_MB,
+    RequestRefusedError,
+    conf_limit,
+    display_name,
+    resolve_image,
+    size_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +85,8 @@ class DiffusionSegmentationApp(MONAILabelApp):
         if unknown:
             raise ValueError(f"--conf models: {unknown} not among the bundles in {self.bundles_dir}: {found}")
         self.models = found if "all" in wanted else wanted
+        self.max_image_voxels = int(conf_limit(conf, "max_image_voxels", DEFAULT_MAX_IMAGE_VOXELS))
+        self.max_upload_mb = conf_limit(conf, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB)
         if not self.models:
             raise ValueError(f"no exported bundles in {self.bundles_dir} (scripts/export_monailabel_bundle.py)")
         super().__init__(
@@ -99,6 +114,25 @@ class DiffusionSegmentationApp(MONAILabelApp):
             if os.path.isfile(os.path.join(self.bundles_dir, name, "configs", "train.yaml"))
         }
 
+    def _readable_roots(self, datastore) -> list[str]:
+        """Folders an infer request may name a path in besides the uploads': the datastore's and the sessions'."""
+        roots = [self.studies]
+        image_path = getattr(getattr(datastore, "_datastore", None), "image_path", None)
+        if callable(image_path):
+            roots.append(image_path())
+        if getattr(self, "_sessions", None) is not None:
+            roots.append(self._sessions.store_path)
+        return [r for r in roots if isinstance(r, str) and r and "://" not in r]
+
+    def _check_image(self, image, datastore) -> None:
+        """Refuse (``RequestRefusedError``) an image the server may not read, an empty one or one past the limits."""
+        resolve_image(image, datastore.list_images(), self._readable_roots(datastore))
+        path = image if os.path.isabs(image) else datastore.get_image_uri(image)
+        if path and os.path.exists(path):
+            refused = size_problem(path, display_name(image), self.max_image_voxels, self.max_upload_mb)
+            if refused is not None:
+                raise refused
+
     def infer(self, request, datastore=None):
         datastore = datastore if datastore else self.datastore()
         if request.get("model") not in self._infers:
@@ -106,8 +140,11 @@ class DiffusionSegmentationApp(MONAILabelApp):
                 status_code=404, detail=f"no model '{request.get('model')}'; this server serves {sorted(self._infers)}"
             )
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image) and image not in datastore.list_images():
-            raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore ({self.studies})")
+        if isinstance(image, str) or image is None:
+            try:
+                self._check_image(image, datastore)
+            except RequestRefusedError as err:
+                raise HTTPException(status_code=err.status, detail=err.message) from None
         try:
             result = super().infer(request, datastore)
         except MONAILabelException as err:

@@ -27,6 +27,7 @@ import torch
 from monai.data import CacheDataset
 
 from bundle.data.errors import DataFormatError, OutputError, error_chain, find_input_error, one_line
+from bundle.files import atomic_output
 
 __all__ = [
     "ON_BAD_INPUT",
@@ -287,8 +288,7 @@ def checked_datalist(
         raise bad_input_error(bad, len(datalist), "inputs cannot be inferred", nothing + stop)
     if report_dir is not None:
         report = Path(report_dir) / SKIP_REPORT
-        report.parent.mkdir(parents=True, exist_ok=True)
-        with open(report, "w", newline="") as f:
+        with atomic_output(report) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "problem"])
             writer.writerows(bad)
@@ -320,6 +320,4 @@ def check_writable(folders: Sequence[str | os.PathLike], min_free_mb: float = 20
             ) from err
         free_mb = shutil.disk_usage(folder).free / 2**20
         if free_mb < min_free_mb:
-            logger.warning(
-                f"{folder}: only {free_mb:.0f} MB free on its file system; outputs may not fit"
-            )
+            logger.warning(f"{folder}: only {free_mb:.0f} MB free on its file system; outputs may not fit")

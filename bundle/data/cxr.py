@@ -37,7 +37,8 @@ CXR_SPLITS = ("cv", "reference")
 def _files_by_stem(folder: Path) -> dict[str, Path]:
     """stem -> path of the image files directly in ``folder`` (hidden files ignored)."""
     return {
-        p.stem: p for p in sorted(folder.iterdir())
+        p.stem: p
+        for p in sorted(folder.iterdir())
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     }
 
@@ -56,12 +57,18 @@ def _kaggle_pairs(folder: Path) -> list[dict[str, Any]]:
         used.add(mask.stem)
         pairs.append({"image": str(image), "label": str(mask), "name": stem, "source": source})
     if unlabelled:
-        warnings.warn(f"{folder / 'CXR_png'}: {len(unlabelled)} image(s) without a mask in masks/ skipped "
-                      f"(e.g. {unlabelled[0]})", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{folder / 'CXR_png'}: {len(unlabelled)} image(s) without a mask in masks/ skipped (e.g. {unlabelled[0]})",
+            UserWarning,
+            stacklevel=3,
+        )
     orphans = sorted(set(masks) - used)
     if orphans:
-        warnings.warn(f"{folder / 'masks'}: {len(orphans)} mask(s) without an image in CXR_png/ ignored "
-                      f"(e.g. {orphans[0]})", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{folder / 'masks'}: {len(orphans)} mask(s) without an image in CXR_png/ ignored (e.g. {orphans[0]})",
+            UserWarning,
+            stacklevel=3,
+        )
     return pairs
 
 
@@ -76,10 +83,13 @@ def _montgomery_pairs(folder: Path) -> list[dict[str, Any]]:
             continue
         for side, masks in (("leftMask", left), ("rightMask", right)):
             if stem not in masks:
-                raise DataFormatError(folder / "ManualMask" / side / f"{stem}.png",
-                                      f"missing: image {image.name} has only one of its two lung masks")
-        pairs.append({"image": str(image), "label": [str(left[stem]), str(right[stem])], "name": stem,
-                      "source": "montgomery"})
+                raise DataFormatError(
+                    folder / "ManualMask" / side / f"{stem}.png",
+                    f"missing: image {image.name} has only one of its two lung masks",
+                )
+        pairs.append(
+            {"image": str(image), "label": [str(left[stem]), str(right[stem])], "name": stem, "source": "montgomery"}
+        )
     return pairs
 
 
@@ -112,8 +122,11 @@ def find_cxr_pairs(root: str | os.PathLike) -> list[dict[str, Any]]:
     if found is None:
         parts = [_pairs_in(sub) for sub in sorted(root.iterdir()) if sub.is_dir() and not sub.name.startswith(".")]
         if all(p is None for p in parts):
-            raise DataFormatError(root, "no chest X-ray layout found: expected CXR_png/ with masks/ or "
-                                  "ManualMask/{leftMask,rightMask}/, here or in a sub-folder")
+            raise DataFormatError(
+                root,
+                "no chest X-ray layout found: expected CXR_png/ with masks/ or "
+                "ManualMask/{leftMask,rightMask}/, here or in a sub-folder",
+            )
         found = [pair for part in parts if part for pair in part]
     if not found:
         raise DataFormatError(root, "no image with a lung mask found")
@@ -151,8 +164,9 @@ def build_cxr_datalist(
         raise ValueError(f"unknown CXR split {split!r}; choose one of {CXR_SPLITS}")
     pairs = find_cxr_pairs(root)
     if split == "cv":
-        datalist = fold_datalist(pairs, fold, num_folds, val_fraction, seed, shuffle_seed=seed,
-                                 extra={"split": "cv", "dataset": "cxr"})
+        datalist = fold_datalist(
+            pairs, fold, num_folds, val_fraction, seed, shuffle_seed=seed, extra={"split": "cv", "dataset": "cxr"}
+        )
     else:
         train = [p for p in pairs if p["source"] == "shenzhen"]
         test = [p for p in pairs if p["source"] == "montgomery"]
@@ -163,7 +177,9 @@ def build_cxr_datalist(
         datalist = {
             "training": [p for i, p in enumerate(train) if i not in val_index],
             "validation": [p for i, p in enumerate(train) if i in val_index],
-            "test": test, "split": "reference", "dataset": "cxr",
+            "test": test,
+            "split": "reference",
+            "dataset": "cxr",
         }
     if output_json is not None:
         write_datalist_json(output_json, datalist, overwrite)
@@ -173,7 +189,7 @@ def build_cxr_datalist(
 def _synthetic_chest(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grey image uint8, left lung {0,1}, right lung {0,1}), each (size, size); lungs darker than the body."""
     rows, cols = np.mgrid[0:size, 0:size] / size
-    body = 150 + 60 * np.exp(-((cols - 0.5) / 0.42) ** 4) + rng.normal(0, 6, (size, size))
+    body = 150 + 60 * np.exp(-(((cols - 0.5) / 0.42) ** 4)) + rng.normal(0, 6, (size, size))
     lungs = []
     for centre in (0.31, 0.69):
         cy, cx = rng.uniform(0.46, 0.54), centre + rng.uniform(-0.03, 0.03)
@@ -185,8 +201,12 @@ def _synthetic_chest(rng: np.random.Generator, size: int) -> tuple[np.ndarray, n
 
 
 def write_synthetic_cxr(
-    root: str | os.PathLike, layout: str = "kaggle", num_shenzhen: int = 4, num_montgomery: int = 2,
-    size: int = 64, seed: int = 0,
+    root: str | os.PathLike,
+    layout: str = "kaggle",
+    num_shenzhen: int = 4,
+    num_montgomery: int = 2,
+    size: int = 64,
+    seed: int = 0,
 ) -> Path:
     """Write small synthetic chest X-rays in one of the accepted on-disk layouts (for tests and smoke runs).
 

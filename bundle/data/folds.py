@@ -26,6 +26,7 @@ import numpy as np
 from monai.data import partition_dataset
 
 from bundle.data.errors import DataFormatError
+from bundle.files import write_text_atomic
 from bundle.runtime import as_bool
 
 __all__ = ["assign_folds", "fold_datalist", "write_datalist_json"]
@@ -129,11 +130,8 @@ def write_datalist_json(path: str | os.PathLike, content: dict[str, Any], overwr
             return path
         if not overwrite:
             raise DataFormatError(
-                path, "exists with different content (another split or an edited file); pass overwrite=True "
-                "('--overwrite true') or another datalist_file"
+                path,
+                "exists with different content (another split or an edited file); pass overwrite=True "
+                "('--overwrite true') or another datalist_file",
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(content, indent=2) + "\n")

@@ -25,8 +25,13 @@ import numpy as np
 from bundle.data.errors import DataFormatError
 from bundle.data.folds import fold_datalist, write_datalist_json
 
-__all__ = ["DEFAULT_CLASSES", "read_msd_classes", "find_msd_pairs", "build_hippocampus_datalist",
-           "write_synthetic_hippocampus"]
+__all__ = [
+    "DEFAULT_CLASSES",
+    "read_msd_classes",
+    "find_msd_pairs",
+    "build_hippocampus_datalist",
+    "write_synthetic_hippocampus",
+]
 
 DEFAULT_CLASSES = {0: "background", 1: "anterior", 2: "posterior"}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -87,8 +92,11 @@ def _pairs_from_folders(root: Path) -> list[dict[str, str]]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir() or not labels_dir.is_dir():
         raise DataFormatError(root, "no MSD layout: expected dataset.json, or imagesTr/ and labelsTr/")
-    images = sorted(p for p in images_dir.iterdir()
-                    if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+    images = sorted(
+        p
+        for p in images_dir.iterdir()
+        if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+    )
     if not images:
         raise DataFormatError(images_dir, "holds no .nii.gz / .nii volumes")
     pairs = []
@@ -139,7 +147,12 @@ def build_hippocampus_datalist(
     root = Path(root).expanduser().absolute()
     classes = read_msd_classes(root)
     datalist = fold_datalist(
-        find_msd_pairs(root), fold, num_folds, val_fraction, seed, shuffle_seed=None,
+        find_msd_pairs(root),
+        fold,
+        num_folds,
+        val_fraction,
+        seed,
+        shuffle_seed=None,
         extra={"dataset": "hippocampus", "classes": {str(k): v for k, v in sorted(classes.items())}},
     )
     if output_json is not None:
@@ -148,7 +161,10 @@ def build_hippocampus_datalist(
 
 
 def write_synthetic_hippocampus(
-    root: str | os.PathLike, num_cases: int = 8, shape: tuple[int, int, int] = (36, 48, 34), seed: int = 0,
+    root: str | os.PathLike,
+    num_cases: int = 8,
+    shape: tuple[int, int, int] = (36, 48, 34),
+    seed: int = 0,
     with_dataset_json: bool = True,
 ) -> Path:
     """Write small synthetic volumes in the MSD Task04 layout (for tests and smoke runs).
@@ -188,8 +204,15 @@ def write_synthetic_hippocampus(
             nib.save(nib.Nifti1Image(array, affine), str(path))
         entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     if with_dataset_json:
-        content = {"name": "Hippocampus", "tensorImageSize": "3D", "modality": {"0": "MRI"},
-                   "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-                   "numTraining": num_cases, "numTest": 0, "training": entries, "test": []}
+        content = {
+            "name": "Hippocampus",
+            "tensorImageSize": "3D",
+            "modality": {"0": "MRI"},
+            "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+            "numTraining": num_cases,
+            "numTest": 0,
+            "training": entries,
+            "test": [],
+        }
         (root / "dataset.json").write_text(json.dumps(content, indent=1) + "\n")
     return root

@@ -35,15 +35,29 @@ import numpy as np
 from bundle.data.errors import DataFormatError
 from bundle.data.monuseg import _write_json
 
-__all__ = ["LIDC_MASK_THRESHOLD", "find_lidc_cases", "read_lidc_pickle", "read_lidc_pickle_entry",
-           "lidc_patient_id", "split_by_patient", "build_lidc_datalist", "PICKLE_REF_SEPARATOR"]
+__all__ = [
+    "LIDC_MASK_THRESHOLD",
+    "find_lidc_cases",
+    "read_lidc_pickle",
+    "read_lidc_pickle_entry",
+    "lidc_patient_id",
+    "split_by_patient",
+    "build_lidc_datalist",
+    "PICKLE_REF_SEPARATOR",
+]
 
 #: JPEG masks: grey value > 127 is foreground
 LIDC_MASK_THRESHOLD = 127
 PICKLE_REF_SEPARATOR = "::"
 PICKLE_SUFFIXES = (".pickle", ".pkl")
-_SUBSET_DIRS = {"training": "training", "train": "training", "validation": "validation", "val": "validation",
-                "testing": "test", "test": "test"}
+_SUBSET_DIRS = {
+    "training": "training",
+    "train": "training",
+    "validation": "validation",
+    "val": "validation",
+    "testing": "test",
+    "test": "test",
+}
 _IMAGE_RE = re.compile(r"^image.*\.(jpe?g|png)$", re.IGNORECASE)
 _LABEL_RE = re.compile(r"^label(\d+)_?.*\.(jpe?g|png)$", re.IGNORECASE)
 _SLICE_RE = re.compile(r"^(?P<patient>.+?)[_-]slice[_-]?\d*.*$", re.IGNORECASE)
@@ -93,14 +107,16 @@ def find_lidc_cases(root: str | os.PathLike) -> list[dict[str, Any]]:
         folder = root / dirname
         if not folder.is_dir():
             continue
-        for case in sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                           key=_case_sort_key):
+        for case in sorted(
+            (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_case_sort_key
+        ):
             files = _case_files(case)
             cases.append({**files, "patient": case.name, "name": case.name, "subset": subset})
     if not cases:
         raise DataFormatError(
-            root, "no LIDC cases found: expected training/<id>/ and testing/<id>/ folders with image_*.jpg and "
-            "label0_.jpg .. label3_.jpg, or a data_lidc.pickle"
+            root,
+            "no LIDC cases found: expected training/<id>/ and testing/<id>/ folders with image_*.jpg and "
+            "label0_.jpg .. label3_.jpg, or a data_lidc.pickle",
         )
     counts = {len(c["label"]) for c in cases}
     if len(counts) > 1:
@@ -118,10 +134,16 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that admits only numpy arrays/scalars and plain containers."""
 
     _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"), ("collections", "OrderedDict"), ("builtins", "set"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -191,8 +213,15 @@ def _pickle_cases(path: Path) -> list[dict[str, Any]]:
     for key in sorted(data, key=str):
         _, masks = read_lidc_pickle_entry(path, key)
         ref = f"{path}{PICKLE_REF_SEPARATOR}{key}"
-        cases.append({"image": ref, "label": [f"{ref}{PICKLE_REF_SEPARATOR}{k}" for k in range(len(masks))],
-                      "patient": lidc_patient_id(str(key), data[key]), "name": str(key), "subset": "all"})
+        cases.append(
+            {
+                "image": ref,
+                "label": [f"{ref}{PICKLE_REF_SEPARATOR}{k}" for k in range(len(masks))],
+                "patient": lidc_patient_id(str(key), data[key]),
+                "name": str(key),
+                "subset": "all",
+            }
+        )
     counts = {len(c["label"]) for c in cases}
     if len(counts) > 1:
         raise DataFormatError(path, f"slices have different numbers of masks: {sorted(counts)}")
@@ -257,8 +286,9 @@ def build_lidc_datalist(
         val_patients = split_by_patient(rest, val_fraction, seed + 1)
         for case in cases:
             patient = case["patient"]
-            case["subset"] = "test" if patient in test_patients else "validation" if patient in val_patients else (
-                "training")
+            case["subset"] = (
+                "test" if patient in test_patients else "validation" if patient in val_patients else ("training")
+            )
     else:
         cases = find_lidc_cases(root_path)
         if not any(c["subset"] == "validation" for c in cases):

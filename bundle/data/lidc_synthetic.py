@@ -29,9 +29,15 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from bundle.data.errors import DataFormatError
+from bundle.files import atomic_output
 
-__all__ = ["render_synthetic_lidc_case", "write_synthetic_lidc", "ensure_synthetic_lidc",
-           "write_synthetic_lidc_pickle", "LIDC_MANIFEST_NAME"]
+__all__ = [
+    "render_synthetic_lidc_case",
+    "write_synthetic_lidc",
+    "ensure_synthetic_lidc",
+    "write_synthetic_lidc_pickle",
+    "LIDC_MANIFEST_NAME",
+]
 
 LIDC_MANIFEST_NAME = "SYNTHETIC_LIDC.json"
 GENERATOR_VERSION = 1
@@ -93,12 +99,22 @@ def _cases(root: Path, num_train: int, num_test: int) -> list[tuple[Path, int, l
 
 
 def _manifest(num_train: int, num_test: int, size: int, seed: int) -> dict:
-    return {"generator": "bundle.data.lidc_synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
-            "num_train": int(num_train), "num_test": int(num_test), "size": int(size)}
+    return {
+        "generator": "bundle.data.lidc_synthetic",
+        "version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "num_train": int(num_train),
+        "num_test": int(num_test),
+        "size": int(size),
+    }
 
 
 def write_synthetic_lidc(
-    root: str | os.PathLike, num_train: int = 16, num_test: int = 4, size: int = 128, seed: int = 0,
+    root: str | os.PathLike,
+    num_train: int = 16,
+    num_test: int = 4,
+    size: int = 128,
+    seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
     """Write synthetic crops in the crop layout under ``root``; returns ``root`` (absolute).
@@ -152,14 +168,16 @@ def ensure_synthetic_lidc(
         except (OSError, ValueError) as err:
             raise DataFormatError(manifest_path, f"unreadable manifest ({err}); remove the folder") from None
         if found != expected:
-            raise DataFormatError(root, f"holds synthetic LIDC data made with {found}, not {expected}; use another "
-                                  "folder")
+            raise DataFormatError(
+                root, f"holds synthetic LIDC data made with {found}, not {expected}; use another folder"
+            )
         if not _complete(root, expected):
             write_synthetic_lidc(root, overwrite=True, **kwargs)
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise DataFormatError(root, f"exists and is not a synthetic LIDC set (no {LIDC_MANIFEST_NAME}); refusing to "
-                              "write into it")
+        raise DataFormatError(
+            root, f"exists and is not a synthetic LIDC set (no {LIDC_MANIFEST_NAME}); refusing to write into it"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = root.parent / f".{root.name}.tmp-{os.getpid()}"
     try:
@@ -168,8 +186,9 @@ def ensure_synthetic_lidc(
             os.replace(staging, root)
         except OSError:
             if not (manifest_path.exists() and json.loads(manifest_path.read_text()) == expected):
-                raise DataFormatError(root, "was filled by another process while generating; refusing to write"
-                                      ) from None
+                raise DataFormatError(
+                    root, "was filled by another process while generating; refusing to write"
+                ) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -177,8 +196,13 @@ def ensure_synthetic_lidc(
 
 
 def write_synthetic_lidc_pickle(
-    path: str | os.PathLike, num_patients: int = 5, slices_per_patient: int = 2, size: int = 128, seed: int = 0,
-    with_series_uid: bool = True, overwrite: bool = False,
+    path: str | os.PathLike,
+    num_patients: int = 5,
+    slices_per_patient: int = 2,
+    size: int = 128,
+    seed: int = 0,
+    with_series_uid: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a small LIDC pickle in Knegt's layout (see the module docstring); returns the path."""
     path = Path(path).expanduser().absolute()
@@ -192,9 +216,6 @@ def write_synthetic_lidc_pickle(
             if with_series_uid:
                 entry["series_uid"] = f"1.3.6.1.4.1.9328.50.3.{p:04d}"
             data[f"LIDC-IDRI-{p:04d}_slice{s}"] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
     return path

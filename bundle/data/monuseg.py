@@ -54,7 +54,11 @@ def _files_by_stem(folder: Path | None, suffixes: tuple[str, ...]) -> dict[str, 
 
 
 def _pairs_in(
-    folder: Path, subset: str, require_labels: bool, images: dict[str, Path], xmls: dict[str, Path],
+    folder: Path,
+    subset: str,
+    require_labels: bool,
+    images: dict[str, Path],
+    xmls: dict[str, Path],
     masks: dict[str, Path],
 ) -> list[dict[str, str]]:
     """Pair images with their XML (preferred) or mask; missing labels raise or warn."""
@@ -178,7 +182,7 @@ def build_monuseg_datalist(
     n = len(train)
     n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, int(round(val_fraction * n))))
     permutation = np.random.default_rng(seed).permutation(n)
-    val_index = set(int(i) for i in permutation[:n_val])
+    val_index = {int(i) for i in permutation[:n_val]}
     datalist = {
         "training": [p for i, p in enumerate(train) if i not in val_index],
         "validation": [p for i, p in enumerate(train) if i in val_index],

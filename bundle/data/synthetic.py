@@ -33,8 +33,13 @@ from scipy.ndimage import gaussian_filter
 from bundle.data.aperio import rasterise_polygons
 from bundle.data.errors import DataFormatError
 
-__all__ = ["GENERATOR_VERSION", "MANIFEST_NAME", "render_synthetic_tile", "write_synthetic_monuseg",
-           "ensure_synthetic_monuseg"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "MANIFEST_NAME",
+    "render_synthetic_tile",
+    "write_synthetic_monuseg",
+    "ensure_synthetic_monuseg",
+]
 
 #: bump whenever the rendered bytes change for the same arguments
 GENERATOR_VERSION = 1
@@ -243,8 +248,7 @@ def _manifest_matches(root: Path, expected: dict) -> bool:
         changed = ", ".join(f"{k}={found.get(k)!r} (requested {v!r})" for k, v in expected.items() if found.get(k) != v)
         raise DataFormatError(
             root,
-            f"holds synthetic data made with different parameters: {changed}; "
-            "remove the folder or choose another one",
+            f"holds synthetic data made with different parameters: {changed}; remove the folder or choose another one",
         )
     targets = _targets(root, expected["num_train"], expected["num_test"])
     return all(tif.exists() and xml.exists() for tif, xml, _ in targets)

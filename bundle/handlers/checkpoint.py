@@ -35,6 +35,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from bundle.data.errors import OutputError, error_chain
+from bundle.files import atomic_output
 from bundle.runtime import as_bool, process_rank, unwrap_network
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` through a temporary file and ``os.replace`` (permissions follow the umask); a failed
     write (a full disk, a file-size limit, no permission) leaves ``path`` as it was and raises ``OutputError``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        # a Python file object: a refused write is then an OSError with its errno (torch's own file writer reports
+        # only "unexpected pos")
+        with atomic_output(path, fsync=True) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         written = any(isinstance(link, OSError) for link in error_chain(err)) or "writ" in str(err).lower()
         if not written:
@@ -59,9 +57,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         kept = "the previous file is kept" if path.exists() else "no file was written"
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise OutputError(path, f"could not be written ({reason}); {kept}") from err
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

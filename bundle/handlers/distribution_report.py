@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.files import atomic_output, write_text_atomic
 from bundle.handlers.reports import summarise
 from bundle.runtime import as_bool
 
@@ -88,14 +89,13 @@ class DistributionReportWriter:
             summary[name] = summarise(values)
         for name in self.pooled_metrics:
             summary[name] = {"value": float(engine.state.metrics[name]), "pooled": True}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.csv_path, "w", newline="") as f:
+        with atomic_output(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", *columns])
             for r in range(rows):
                 writer.writerow([self._names[r], *(f"{columns[c][r]:.6f}" for c in columns)])
         report = {"num_images": rows, "settings": self.settings, "metrics": summary}
-        self.json_path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        write_text_atomic(self.json_path, json.dumps(report, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: object) -> object:

@@ -15,6 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from bundle.files import atomic_output
+
 
 def _to_uint8(x: torch.Tensor, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """(C, H, W) tensor -> (H, W, 3) uint8, linearly scaled from [lo, hi] (default: the image's own range)."""
@@ -93,4 +95,5 @@ class PredictionPanelWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         epoch = self.epoch_transform(int(engine.state.epoch))
         path = self.output_dir / f"{self.prefix}_epoch_{epoch:04d}.png"
-        Image.fromarray(compose_panel(self._rows)).save(path)
+        with atomic_output(path) as tmp:
+            Image.fromarray(compose_panel(self._rows)).save(tmp)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.files import atomic_output, write_text_atomic
 from bundle.runtime import as_bool
 
 
@@ -105,10 +106,9 @@ class SegmentationReportWriter:
                 summary[metric + suffix] = summarise(values[:, c])
             if len(suffixes) > 1:
                 summary[metric + "_mean"] = summarise(np.nanmean(values, axis=1))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.csv_path, "w", newline="") as f:
+        with atomic_output(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(table)
         report = {"num_images": rows, "metrics": summary}
-        self.json_path.write_text(json.dumps(report, indent=2))
+        write_text_atomic(self.json_path, json.dumps(report, indent=2))

@@ -17,6 +17,7 @@ from typing import Any
 
 from monai.handlers import MLFlowHandler
 
+from bundle.files import write_text_atomic
 from bundle.runtime import process_rank
 
 __all__ = ["RUN_NAME_FILE", "ResumableMLFlowHandler", "tracking_run_name"]
@@ -36,9 +37,7 @@ def tracking_run_name(ckpt_dir: str, resume: bool, fresh_name: str) -> str:
         if stored:
             return stored
     if process_rank() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(fresh_name + "\n")
+        write_text_atomic(path, fresh_name + "\n")
     return fresh_name
 
 

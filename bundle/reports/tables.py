@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ttest_rel
 
+from bundle.files import write_text_atomic
+
 __all__ = [
     "RunResult",
     "Cell",
@@ -403,9 +405,7 @@ def write_tables(table: ResultsTable, output_dir: str | os.PathLike, overwrite: 
         raise FileExistsError(f"{existing[0]}: exists already; pass --overwrite or another output folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     for kind, path in paths.items():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(contents[kind])
-        os.replace(tmp, path)
+        write_text_atomic(path, contents[kind])
     return paths
 
 

@@ -21,6 +21,7 @@ import torch
 from monai.transforms import MapTransform
 from PIL import Image
 
+from bundle.files import atomic_output
 from bundle.runtime import as_bool
 
 
@@ -53,8 +54,8 @@ class SaveMaskAndUncertaintyd(_PredictionWriterd):
     def _write(self, array: np.ndarray, path: Path) -> None:
         if path.exists() and not self.overwrite:
             raise FileExistsError(f"{path}: exists already; pass '--overwrite true' or another output_dir")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(path)
+        with atomic_output(path) as tmp:
+            Image.fromarray(array).save(tmp)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -124,15 +125,8 @@ def save_label_volume(
     header.set_data_dtype(dtype)
     image = nib.Nifti1Image(np.ascontiguousarray(restored.astype(dtype)), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if output_path.name.endswith(".gz") else ".nii"
-    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_output(output_path) as tmp:
         nib.save(image, str(tmp))
-        os.replace(tmp, output_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return output_path
 
 

@@ -28,6 +28,8 @@ import torch
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.infer.bundle import BundleInferTask
 
+from .request_checks import display_name
+
 logger = logging.getLogger(__name__)
 
 MAX_GENERATIONS = 64
@@ -51,6 +53,14 @@ def _temp_file(suffix: str) -> str:
     return path
 
 
+def _without_path(err: Exception, path: Any) -> str:
+    """The error's message with a temporary upload path replaced by what the client knows it as."""
+    message = str(err)
+    if isinstance(path, str) and path and path in message:
+        message = message.replace(path, display_name(path))
+    return message
+
+
 def _with_generations(inferer: Any, generations: int) -> Any:
     """A shallow copy of the bundle's ``EnsembleInferer`` with another ensemble size (the cached one is left alone)."""
     if not hasattr(inferer, "num_generations"):
@@ -71,6 +81,10 @@ class EnsembleBundleInferTask(BundleInferTask):
         self.default_generations = int(self.bundle_config.get_parsed_content("num_generations"))
         steps = self.bundle_config.get("num_timesteps")  # diffusion methods only
         self.num_timesteps = int(self.bundle_config.get_parsed_content("num_timesteps")) if steps is not None else None
+        channels = self.bundle_config.get("image_channels")  # the network's input channels after preprocessing
+        self.image_channels = (
+            int(self.bundle_config.get_parsed_content("image_channels")) if channels is not None else None
+        )
         self._config.update({"num_generations": self.default_generations, "save_uncertainty": True})
         steps = f" ({self.num_timesteps} sampling steps each)" if self.num_timesteps else ""
         self.description = (
@@ -96,24 +110,25 @@ class EnsembleBundleInferTask(BundleInferTask):
         return _with_generations(super().inferer(data), self._generations(data or {}))
 
     def run_pre_transforms(self, data: dict[str, Any], transforms):
+        from bundle.data.checks import content_problem
+
         image = data.get("image_path") or data.get("image")
+        name = display_name(image) if isinstance(image, str) else "the image"
         try:
             data = super().run_pre_transforms(data, transforms)
         except MONAILabelException:
             raise
-        except Exception as err:  # noqa: BLE001 - the reader's own error, with the file and the model named
+        except Exception as err:  # noqa: BLE001 - the reader's own error, with the image and the model named
             raise _invalid(
-                f"model '{self.model_name}' cannot read {image} as a {self.dimension}-D image: {err}"
+                f"model '{self.model_name}' cannot read {name} as a {self.dimension}-D image: "
+                f"{type(err).__name__}: {_without_path(err, image)}"
             ) from err
         loaded = data.get(self.input_key)
         if loaded is None or not hasattr(loaded, "ndim"):
-            raise _invalid(f"model '{self.model_name}': no image was loaded from {image}")
-        if loaded.ndim != self.dimension + 1:  # channel first
-            raise _invalid(
-                f"model '{self.model_name}' takes {self.dimension}-D images (channel-first shape of "
-                f"{self.dimension + 1} axes), but {image} loaded as shape {tuple(loaded.shape)} "
-                f"({loaded.ndim - 1}-D)"
-            )
+            raise _invalid(f"model '{self.model_name}': no image was loaded from {name}")
+        problem = content_problem(loaded, self.image_channels, self.dimension)
+        if problem is not None:
+            raise _invalid(f"model '{self.model_name}': {name} {problem}")
         return data
 
     # ------------------------------------------------------------------------------------------------ outputs
