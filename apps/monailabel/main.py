@@ -33,6 +33,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib.activelearning import SCORE_KEY, MostUncertain, score_entry  # noqa: E402
 from lib.ensemble_task import EnsembleBundleInferTask  # noqa: E402
 from lib.request_checks import (  # noqa: E402
     DEFAULT_MAX_IMAGE_VOXELS,
@@ -107,6 +108,15 @@ class DiffusionSegmentationApp(MONAILabelApp):
             infers[name] = task
         return infers
 
+    def init_strategies(self):
+        from monailabel.tasks.activelearning.first import First
+        from monailabel.tasks.activelearning.random import Random
+
+        default = self.conf.get("uncertainty_model") or self.models[0]
+        if default not in self.models:
+            raise ValueError(f"--conf uncertainty_model {default!r}: not among the served models {self.models}")
+        return {"uncertain": MostUncertain(default), "random": Random(), "first": First()}
+
     def init_trainers(self):
         return {
             name: BundleTrainTask(os.path.join(self.bundles_dir, name), self.conf)
@@ -165,4 +175,8 @@ class DiffusionSegmentationApp(MONAILabelApp):
             )
             uncertainty["tag"] = UNCERTAINTY_TAG
             os.remove(path)
+            if uncertainty.get("score") is not None:  # the active-learning cache (lib/activelearning.py)
+                scores = dict(datastore.get_image_info(image).get(SCORE_KEY, {}))
+                scores[request.get("model")] = score_entry(uncertainty["score"], params.get("num_generations"))
+                datastore.update_image_info(image, {SCORE_KEY: scores})
         return result

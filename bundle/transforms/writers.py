@@ -1,12 +1,13 @@
-"""Writing predictions: a mask and an uncertainty map per input image (PNG) or per input volume (NIfTI).
+"""Writing predictions: a mask and an uncertainty map per input image (PNG) or per input volume (its own format).
 
 - ``SaveMaskAndUncertaintyd``: 2-D images -> ``masks/<stem>.png`` and ``uncertainty/<stem>.png``;
-- ``SaveVolumeAndUncertaintyd``: volumes -> ``masks/<name>.nii.gz`` (uint8 labels) and
-  ``uncertainty/<name>.nii.gz`` (float32), both in the input file's voxel grid with its affine and header;
-- ``save_label_volume`` / ``onehot_to_label_map``: the NIfTI writing they and the evaluation's prediction
+- ``SaveVolumeAndUncertaintyd``: volumes -> ``masks/<name><ext>`` (uint8 labels) and ``uncertainty/<name><ext>``
+  (float32), both in the input's voxel grid and format: NIfTI with its affine and header, NRRD / MetaImage with
+  its origin, spacing and direction (through ITK, the ``itk-io`` package);
+- ``save_label_volume`` / ``onehot_to_label_map``: the volume writing they and the evaluation's prediction
   writer (``bundle.handlers.predictions``) share.
 
-Nothing that exists is replaced unless ``overwrite``; NIfTI files are written atomically.
+Nothing that exists is replaced unless ``overwrite``; every file is written atomically (``bundle.files``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,53 @@ def onehot_to_label_map(onehot: torch.Tensor | np.ndarray, first_class: int = 1)
     return (array * values).sum(axis=0).astype(np.uint8)
 
 
+#: single-file volume formats ITK reads and writes (``itk`` package); a detached header (``.nhdr``, ``.mhd``) is
+#: answered in the single-file form of its format
+ITK_LABEL_FORMATS = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _suffix(path: str | os.PathLike) -> str:
+    name = Path(str(path)).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def label_extension(source: str | os.PathLike) -> str:
+    """The extension a label for ``source`` is written with: its own format (``.nii.gz`` for NIfTI, ``.nrrd`` for
+    NRRD, ``.mha`` for MetaImage), NIfTI for anything else (a DICOM series folder)."""
+    return ITK_LABEL_FORMATS.get(_suffix(source), ".nii.gz")
+
+
+def reference_grid(reference_path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
+    """The spatial shape and the voxel-to-RAS affine of a volume, as MONAI's readers give them (NIfTI: nibabel,
+    the header only; other formats and DICOM series folders: MONAI's ``ITKReader``, whose affine is RAS too)."""
+    path = os.fspath(reference_path)
+    if _suffix(path) in NIFTI_SUFFIXES:
+        import nibabel as nib
+
+        reference = nib.load(path)
+        return tuple(int(s) for s in reference.shape[:3]), np.asarray(reference.affine, dtype=float)
+    from monai.data import ITKReader
+
+    reader = ITKReader()
+    array, meta = reader.get_data(reader.read(path))
+    return tuple(int(s) for s in np.asarray(array).shape[:3]), np.asarray(meta["original_affine"], dtype=float)
+
+
+def _write_itk(array: np.ndarray, reference_path: str, output_path: Path) -> None:
+    """``array`` in the reference's voxel index order (i, j, k), written with the reference's origin, spacing and
+    direction (its full physical geometry, whatever the orientation) in the format of ``output_path``'s suffix."""
+    import itk
+
+    reference = itk.imread(reference_path)
+    image = itk.image_from_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    image.SetOrigin(reference.GetOrigin())
+    image.SetSpacing(reference.GetSpacing())
+    image.SetDirection(reference.GetDirection())
+    with atomic_output(output_path) as tmp:
+        itk.imwrite(image, str(tmp), compression=True)
+
+
 def save_label_volume(
     label_map: np.ndarray,
     affine: np.ndarray,
@@ -93,10 +141,12 @@ def save_label_volume(
 
     Args:
         label_map: (H, W, D) integer labels in the processing orientation.
-        affine: the 4x4 voxel-to-world affine of ``label_map`` (the image's ``meta["affine"]`` after
+        affine: the 4x4 voxel-to-world (RAS) affine of ``label_map`` (the image's ``meta["affine"]`` after
             ``Orientationd``).
-        reference_path: the input NIfTI image; its affine and header are copied (data type uint8).
-        output_path: ``.nii.gz`` (or ``.nii``) file to write, atomically.
+        reference_path: the input volume: NIfTI (its affine and header are copied), NRRD or MetaImage (its origin,
+            spacing and direction are copied, through ITK).
+        output_path: the file to write, atomically: ``.nii.gz`` / ``.nii`` (needs a NIfTI reference), ``.nrrd`` or
+            ``.mha`` (``label_extension`` gives the input's own).
         overwrite: replace an existing file.
         dtype: stored data type (uint8 for labels; float32 for a map such as the ensemble's uncertainty).
 
@@ -105,26 +155,35 @@ def save_label_volume(
             names the reference file), e.g. because it was cropped or resampled.
         FileExistsError: ``output_path`` exists and ``overwrite`` is False.
     """
-    import nibabel as nib
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
-    reference = nib.load(os.fspath(reference_path))
+    shape, reference_affine = reference_grid(reference_path)
     affine = np.asarray(affine, dtype=float)
-    transform = ornt_transform(io_orientation(affine), io_orientation(reference.affine))
+    transform = ornt_transform(io_orientation(affine), io_orientation(reference_affine))
     restored = apply_orientation(np.asarray(label_map), transform)
     restored_affine = affine @ inv_ornt_aff(transform, np.asarray(label_map).shape)
-    if restored.shape != reference.shape[:3] or not np.allclose(restored_affine, reference.affine, atol=1e-3):
+    if restored.shape != shape or not np.allclose(restored_affine, reference_affine, atol=1e-3):
         raise ValueError(
             f"{reference_path}: prediction of shape {np.asarray(label_map).shape} with affine\n{affine}\ndoes not map "
-            f"onto this image's grid {reference.shape[:3]} by reorientation alone (was it cropped or resampled?)"
+            f"onto this image's grid {shape} by reorientation alone (was it cropped or resampled?)"
         )
     output_path = Path(output_path)
     if output_path.exists() and not overwrite:
         raise FileExistsError(f"{output_path}: exists already; pass '--overwrite true' or another output folder")
-    header = reference.header.copy()
-    header.set_data_dtype(dtype)
-    image = nib.Nifti1Image(np.ascontiguousarray(restored.astype(dtype)), reference.affine, header)
-    image.header.set_slope_inter(1.0, 0.0)
+    restored = np.ascontiguousarray(restored.astype(dtype))
+    if _suffix(output_path) not in NIFTI_SUFFIXES:
+        _write_itk(restored, os.fspath(reference_path), output_path)
+        return output_path
+    import nibabel as nib
+
+    if _suffix(reference_path) in NIFTI_SUFFIXES:
+        reference = nib.load(os.fspath(reference_path))
+        header = reference.header.copy()
+        header.set_data_dtype(dtype)
+        image = nib.Nifti1Image(restored, reference.affine, header)
+        image.header.set_slope_inter(1.0, 0.0)
+    else:  # NIfTI for a volume of another format (a DICOM series): its RAS affine, a fresh header
+        image = nib.Nifti1Image(restored, reference_affine)
     with atomic_output(output_path) as tmp:
         nib.save(image, str(tmp))
     return output_path
@@ -133,19 +192,20 @@ def save_label_volume(
 def volume_file_stem(path: str | os.PathLike) -> str:
     """``a/b/x.nii.gz`` -> ``x`` (also ``.nii``, ``.nrrd``, ``.mha``, ``.mhd``)."""
     name = Path(str(path)).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
 
 
 class SaveVolumeAndUncertaintyd(_PredictionWriterd):
-    """Save a volume's labels and uncertainty as NIfTI files named after the input, in the input's voxel grid.
+    """Save a volume's labels and uncertainty named after the input, in the input's format and voxel grid.
 
     Reads ``mask`` (1, H, W, D) integer labels (0 background) and ``uncertainty`` (1, H, W, D) float, both already
     in the input's orientation (after ``Invertd``), and the input file from the image's ``filename_or_obj``; writes
-    ``<output_dir>/masks/<stem>.nii.gz`` (uint8) and ``<output_dir>/uncertainty/<stem>.nii.gz`` (float32) with the
-    input's affine and header. An existing file is never replaced unless ``overwrite`` is true.
+    ``<output_dir>/masks/<stem><ext>`` (uint8) and ``<output_dir>/uncertainty/<stem><ext>`` (float32) with the
+    input's geometry: ``.nii.gz`` with the affine and header of a NIfTI input, ``.nrrd`` / ``.mha`` with the origin,
+    spacing and direction of a NRRD / MetaImage input (``label_extension``). An existing file is never replaced unless ``overwrite`` is true.
     """
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -154,18 +214,13 @@ class SaveVolumeAndUncertaintyd(_PredictionWriterd):
         source = meta.get("filename_or_obj")
         if not source:
             raise ValueError("SaveVolumeAndUncertaintyd needs the input image's file name (filename_or_obj)")
-        stem = volume_file_stem(source)
+        stem, ext = volume_file_stem(source), label_extension(source)
         affine = torch.as_tensor(getattr(d[self.mask_key], "meta", {}).get("affine", meta.get("affine"))).cpu().numpy()
         labels = torch.as_tensor(d[self.mask_key]).detach().cpu()[0].numpy().round().astype(np.uint8)
-        save_label_volume(labels, affine, source, self.output_dir / "masks" / f"{stem}.nii.gz", self.overwrite)
+        save_label_volume(labels, affine, source, self.output_dir / "masks" / f"{stem}{ext}", self.overwrite)
         if self.uncertainty_key in d:
             unc = torch.as_tensor(d[self.uncertainty_key]).detach().cpu().float().amax(0).numpy()
             save_label_volume(
-                unc,
-                affine,
-                source,
-                self.output_dir / "uncertainty" / f"{stem}.nii.gz",
-                self.overwrite,
-                dtype=np.float32,
+                unc, affine, source, self.output_dir / "uncertainty" / f"{stem}{ext}", self.overwrite, dtype=np.float32
             )
         return d

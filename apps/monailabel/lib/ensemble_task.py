@@ -9,8 +9,10 @@ what annotators need beside the mask:
 - the uncertainty map (per-pixel standard deviation of the generations) written next to the label: a float32
   TIFF for 2-D tiles, a float32 NIfTI in the input's voxel grid for volumes; the app stores it in the datastore
   under the label tag ``uncertainty`` (see ``main.py``) and the result JSON carries its summary;
-- the label written as an 8-bit PNG (2-D; 0 background, 1 foreground) or a uint8 NIfTI with the input's affine
-  and header (3-D), instead of MONAI Label's default ITK writer, which transposes 2-D arrays;
+- the label written as an 8-bit PNG (2-D; 0 background, 1 foreground) or, for volumes, in the input's format and
+  geometry (a uint8 NIfTI with the input's affine and header; NRRD / MetaImage with its origin, spacing and
+  direction) or the request's ``result_extension``, instead of MONAI Label's default ITK writer, which transposes
+  2-D arrays;
 - input checks that end in ``MONAILabelException(INVALID_INPUT)`` with the file and the problem named: an image
   that the model's preprocessing cannot read, or one of the wrong dimensionality.
 """
@@ -28,11 +30,14 @@ import torch
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.infer.bundle import BundleInferTask
 
+from bundle.metrics.uncertainty import foreground_uncertainty
+
 from .request_checks import display_name
 
 logger = logging.getLogger(__name__)
 
 MAX_GENERATIONS = 64
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def _invalid(message: str) -> MONAILabelException:
@@ -152,7 +157,8 @@ class EnsembleBundleInferTask(BundleInferTask):
             label_file = _temp_file(".png")
             Image.fromarray(label).save(label_file)
         else:
-            label_file = self._save_volume(label, data, _temp_file(".nii.gz"), np.uint8)
+            extension = self._volume_extension(data)
+            label_file = self._save_volume(label, data, _temp_file(extension), np.uint8)
         uncertainty = data.get("uncertainty")
         if uncertainty is not None and str(data.get("save_uncertainty", True)).lower() != "false":
             u = _array(uncertainty).astype(np.float32)
@@ -164,25 +170,41 @@ class EnsembleBundleInferTask(BundleInferTask):
                 u_file = _temp_file(".tif")
                 Image.fromarray(u, mode="F").save(u_file)
             else:
-                u_file = self._save_volume(u, data, _temp_file(".nii.gz"), np.float32)
+                u_file = self._save_volume(u, data, _temp_file(extension), np.float32)
+            foreground = label > 0
             result["uncertainty"] = {
                 "file": u_file,
                 "mean": float(u.mean()),
                 "max": float(u.max()),
                 "fraction_above_0.1": float((u > 0.1).mean()),
+                "mean_in_foreground": float(u[foreground].mean()) if foreground.any() else None,
+                "foreground_fraction": float(foreground.mean()),
+                "score": foreground_uncertainty(u, label),
                 "definition": "standard deviation of the generations' foreground probabilities per pixel",
             }
         return label_file, result
 
+    @staticmethod
+    def _volume_extension(data: dict[str, Any]) -> str:
+        """The request's ``result_extension`` (MONAI Label's option) or the input's own format: NIfTI, NRRD or
+        MetaImage (``bundle.transforms.writers.label_extension``)."""
+        from bundle.transforms.writers import label_extension
+
+        asked = data.get("result_extension")
+        if asked:
+            asked = asked if asked.startswith(".") else f".{asked}"
+            if asked not in VOLUME_EXTENSIONS:
+                raise _invalid(f"result_extension {asked!r}: volumes are written as one of {list(VOLUME_EXTENSIONS)}")
+            return asked
+        return label_extension(data.get("image_path") or "")
+
     def _save_volume(self, array: np.ndarray, data: dict[str, Any], path: str, dtype) -> str:
         """A volume in the input's voxel grid with its affine and header (the postprocessing inverted the
         reorientation; ``save_label_volume`` checks that the grids agree)."""
-        from bundle.transforms.writers import save_label_volume
+        from bundle.transforms.writers import reference_grid, save_label_volume
 
         reference = data.get("image_path")
         affine = getattr(data.get(self.output_label_key), "affine", None)
         if affine is None:
-            import nibabel as nib
-
-            affine = nib.load(reference).affine
+            affine = reference_grid(reference)[1]
         return str(save_label_volume(array, _array(affine), reference, path, dtype=dtype))
