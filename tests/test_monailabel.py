@@ -1,16 +1,18 @@
-"""A real MONAI Label server on loopback serving a freshly trained bundle and the shipped model (apps/monailabel).
+"""A real MONAI Label server on loopback serving freshly trained bundles and the shipped models (apps/monailabel).
 
 Marked ``monailabel``: not in the default run (``-m "not monailabel"`` in pyproject); ``.ci/run`` runs it after the
 main suite. It builds or reuses MONAI Label's own virtual environment (scripts/monailabel_env.sh; the path comes
 from ``MONAILABEL_VENV``, default ``.venv-monailabel``), trains a cDAL MoNuSeg-format model (built-in synthetic
-tiles) for a few iterations with the bundle's own training workflow and exports it with
-scripts/export_monailabel_bundle.py; the app itself exports the repository's shipped Hippocampus cDAL
-(pretrained/hippocampus_cdal) at start-up. It starts ``monailabel start_server`` on 127.0.0.1,
-and then, through HTTP only: reads /info; infers a MoNuSeg tile and a Hippocampus volume from ../shared/data
-(the real files; synthetic ones in the same formats when ../shared/data is absent, said in the test output)
-by datastore id and by upload; checks the labels and the uncertainty maps; sends malformed requests; and runs
-a short training request on the datastore's labelled tiles. Request times go to $MONAILABEL_TIMINGS (JSON)
-when that is set.
+tiles) and a chest X-ray U-Net (the radiographs of ../shared/data but one) for a few iterations with the bundle's
+own training workflow and exports them with scripts/export_monailabel_bundle.py; the app itself exports the
+repository's shipped Hippocampus cDAL models (2-D and 3-D) at start-up. It starts ``monailabel start_server`` on
+127.0.0.1, and then, through HTTP and MONAI Label's own Python client: reads /info; infers a MoNuSeg tile, a
+radiograph and a Hippocampus volume from ../shared/data (the real files; synthetic ones in the same formats when
+../shared/data is absent, said in the test output) by datastore id and by upload, the volume also as NRRD and
+MetaImage; checks the labels, their formats and geometry, and the uncertainty maps; asks the uncertainty strategy
+for the next image; sends malformed and abusive requests and 20 concurrent ones and checks the server's answers
+and memory; and runs a short training request on the datastore's labelled tiles. Request times go to
+$MONAILABEL_TIMINGS (JSON) when that is set.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.monailabel
 TILE = "TCGA-21-5784-01Z-00-DX1"
 TRAIN_TILES = ["TCGA-21-5786-01Z-00-DX1", "TCGA-50-5931-01Z-00-DX1"]
 VOLUME = "hippocampus_001"
+CXR_OVERRIDES = {"image_size": 128, "patch_size": 128, "batch_size": 4}
 TIMINGS: dict[str, float] = {}
 THREADS = os.environ.get("OMP_NUM_THREADS", "2")
 # the server's limits in this test (the defaults are far larger): the 1000 x 1000 tiles and the volumes pass
@@ -177,6 +180,8 @@ def source_files(tmp_path_factory) -> dict:
             ],
             "volume": hippo / "imagesTr" / f"{VOLUME}.nii.gz",
             "volume_label": hippo / "labelsTr" / f"{VOLUME}.nii.gz",
+            "cxr": shared / "cxr" / "Lung_Segmentation",
+            "radiograph": "CHNCXR_0010_0",  # held out of the U-Net's training radiographs
         }
     else:  # same formats, written by the bundle's generators (MoNuSeg TIFF + Aperio XML; MSD NIfTI)
         from bundle.data.hippocampus import write_synthetic_hippocampus
@@ -188,8 +193,13 @@ def source_files(tmp_path_factory) -> dict:
         xmls = {p.stem: p for p in (root / "monuseg").rglob("*.xml")}
         msd = write_synthetic_hippocampus(root / "msd", num_cases=1, seed=5)
         vol = sorted((msd / "imagesTr").glob("*.nii.gz"))[0]
+        from bundle.data.cxr import write_synthetic_cxr
+
+        cxr = write_synthetic_cxr(root / "cxr", num_shenzhen=10, num_montgomery=0, size=256, seed=3)
         files = {
             "real": False,
+            "cxr": cxr,
+            "radiograph": sorted(p.stem for p in (cxr / "CXR_png").glob("*.png"))[-1],
             "tile": tiles[0],
             "tile_mask": xmls[tiles[0].stem],
             "train": [(t, xmls[t.stem]) for t in tiles[1:3]],
@@ -224,6 +234,24 @@ def server(monailabel_venv, source_files, tmp_path_factory):
     )
     bundles = work / "bundles"
     _export("synthetic", monuseg_model, bundles / "monuseg_cdal")
+    # a chest X-ray U-Net (not a diffusion model), trained briefly on the radiographs except the served one
+    cxr_data = work / "cxr_data"
+    for sub in ("CXR_png", "masks"):
+        (cxr_data / sub).mkdir(parents=True)
+        for f in (source_files["cxr"] / sub).iterdir():
+            if not f.name.startswith(source_files["radiograph"]):
+                shutil.copy(f, cxr_data / sub / f.name)
+    u_run = work / "train_cxr_unet"
+    u_run.mkdir()
+    unet_model = _train(
+        u_run,
+        ["train.yaml", "methods/unet.yaml", "datasets/cxr.yaml"],
+        {"dataset_dir": cxr_data, "max_epochs": 10, "epoch_length": 20, "val_interval": 5, **CXR_OVERRIDES},
+    )
+    _export(
+        "cxr", unet_model, bundles / "cxr_unet", "--method_configs", "methods/unet.yaml",
+        "--set", *(f"{k}={v}" for k, v in CXR_OVERRIDES.items()),
+    )  # fmt: skip
 
     studies = work / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
@@ -233,6 +261,8 @@ def server(monailabel_venv, source_files, tmp_path_factory):
         shutil.copy(image, studies / f"{name}.tif")
         shutil.copy(label, studies / "labels" / "final" / f"{name}{''.join(Path(label).suffixes)}")
     shutil.copy(source_files["volume"], studies / f"{VOLUME}.nii.gz")
+    radiograph = source_files["radiograph"]
+    shutil.copy(source_files["cxr"] / "CXR_png" / f"{radiograph}.png", studies / f"{radiograph}.png")
 
     port = _free_port()
     env = {
@@ -348,13 +378,14 @@ def test_info_lists_both_models_with_their_dimensions(server):
     assert status == 200
     info = json.loads(body)
     models = info["models"]
-    assert set(models) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d"}
+    assert set(models) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d", "cxr_unet"}
+    assert models["cxr_unet"]["dimension"] == 2 and models["cxr_unet"]["labels"] == {"lung": 1}
     assert models["monuseg_cdal"]["dimension"] == 2 and models["monuseg_cdal"]["labels"] == {"nucleus": 1}
     assert models["hippocampus_cdal"]["dimension"] == 3
     assert models["hippocampus_cdal"]["labels"] == {"anterior": 1, "posterior": 2}
     assert models["monuseg_cdal"]["config"]["num_generations"] == 5  # the few-step cDAL default ensemble
     assert models["hippocampus_cdal_3d"]["dimension"] == 3
-    assert set(info["trainers"]) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d"}
+    assert set(info["trainers"]) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d", "cxr_unet"}
     assert set(info["strategies"]) == {"uncertain", "random", "first"}
 
 
@@ -401,6 +432,27 @@ def test_uploaded_tile_is_inferred_without_touching_the_datastore(server):
     assert status == 200, body[:500]
     label = _read_png(body)
     assert label.ndim == 2 and set(np.unique(label)) <= {0, 1}
+
+
+def test_a_radiograph_is_served_by_the_unet(server, tmp_path):
+    """A model that is not a diffusion ensemble (the U-Net: one deterministic generation) on a real chest X-ray."""
+    from PIL import Image
+
+    radiograph = server["radiograph"]
+    url = f"{server['url']}/infer/cxr_unet?image={radiograph}&output=all"
+    status, headers, body = _timed("infer_radiograph_unet", lambda: _request(url, "POST"))
+    assert status == 200, body[:500]
+    parts = _multipart(headers, body)
+    params, label = json.loads(parts["params"]), _read_png(parts["image"])
+    source = Image.open(server["cxr"] / "CXR_png" / f"{radiograph}.png")
+    assert label.shape == source.size[::-1] and set(np.unique(label)) <= {0, 1}
+    assert params["num_generations"] == 1 and params["num_timesteps"] is None
+    assert params["uncertainty"]["max"] == 0.0  # one deterministic generation: no spread
+    truth = np.array(Image.open(server["cxr"] / "masks" / f"{radiograph}_mask.png")) > 127
+    dice = _dice(label > 0, truth)
+    TIMINGS["radiograph_unet_dice"] = round(dice, 4)
+    if server["real"]:  # 200 iterations on the other radiographs at 128 x 128 (validation Dice 0.87 offline)
+        assert dice > 0.7, dice
 
 
 def test_the_shipped_model_is_exported_at_start_up(server):
@@ -454,15 +506,17 @@ def test_the_3d_model_returns_labels_in_the_input_grid(server, tmp_path):
 
 
 def _as_itk_upload(path: Path, source: Path):
-    """The NIfTI ``source`` as a NRRD / MetaImage file (by ``path``'s suffix) in a viewer's frame: ITK's identity
-    direction (LPS, the same voxels-to-world as the NIfTI's RAS identity up to the axis signs) and a moved origin."""
+    """The NIfTI ``source`` as a NRRD / MetaImage file (by ``path``'s suffix) with its orientation and another
+    origin."""
     import itk
     import nibabel as nib
 
     array = np.asarray(nib.load(source).dataobj).astype(np.float32)
     image = itk.image_from_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
     image.SetOrigin((-40.0, 25.0, 7.5))
-    itk.imwrite(image, str(path), compression=True)  # ITK's default direction is the identity in LPS
+    # the NIfTI's RAS axes in ITK's LPS frame: the same anatomy, seen from a viewer's origin
+    image.SetDirection(itk.matrix_from_array(np.diag([-1.0, -1.0, 1.0])))
+    itk.imwrite(image, str(path), compression=True)
     return path
 
 

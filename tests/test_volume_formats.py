@@ -1,4 +1,5 @@
-"""Volumes as viewers hold them: NRRD and MetaImage in, labels back in the same format and physical geometry.
+"""Volumes as viewers hold them: NRRD and MetaImage in, labels back in the same format and physical geometry;
+a DICOM series (a sub-folder of ``.dcm`` files) in, a NIfTI label in the series' grid back.
 
 3D Slicer saves the volume it sends as NRRD by default, and ITK tools use MetaImage. MONAI's ``LoadImaged`` reads
 both through ``ITKReader`` (the ``itk-io`` package) with the same RAS affine that nibabel gives a NIfTI file;
@@ -31,6 +32,33 @@ def _itk_volume(array: np.ndarray, spacing, origin, direction) -> itk.Image:
     image.SetOrigin(origin)
     image.SetDirection(itk.matrix_from_array(np.asarray(direction, dtype=np.float64)))
     return image
+
+
+def _write_dicom_series(array: np.ndarray, folder: Path, spacing, origin) -> None:
+    """``array`` (i, j, k) as an axial DICOM series (one file per k, MR, int16), positions and spacing in the tags."""
+    folder.mkdir(parents=True)
+    uid = "1.2.826.0.1.3680043.2.1125.7"
+    for k in range(array.shape[2]):
+        image = itk.image_from_array(np.ascontiguousarray(array[:, :, k].T.astype(np.int16)))
+        tags = image.GetMetaDataDictionary()
+        position = (origin[0], origin[1], origin[2] + k * spacing[2])
+        for tag, value in {
+            "0020|0032": "\\".join(f"{v:.4f}" for v in position),  # image position (patient), LPS
+            "0020|0037": "-1\\0\\0\\0\\-1\\0",  # row and column directions: the NIfTI's RAS axes, in LPS
+            "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",  # pixel spacing: row, column
+            "0018|0050": f"{spacing[2]:.4f}",
+            "0020|0013": str(k + 1),
+            "0008|0060": "MR",
+            "0020|000d": f"{uid}.1",
+            "0020|000e": f"{uid}.2",
+            "0008|0018": f"{uid}.3.{k + 1}",
+        }.items():
+            tags[tag] = value
+        io = itk.GDCMImageIO.New()
+        io.KeepOriginalUIDOn()
+        itk.ImageFileWriter[type(image)].New(
+            Input=image, FileName=str(folder / f"slice_{k:03d}.dcm"), ImageIO=io
+        ).Update()
 
 
 def _geometry(image: itk.Image) -> tuple:
@@ -78,8 +106,9 @@ def test_label_extensions_follow_the_input():
 
 @pytest.mark.realdata
 def test_the_documented_command_answers_nrrd_and_metaimage_in_their_own_format(shared_data_dir, tmp_path):
-    """The exact two-overlay inference command on a folder holding a real volume as NRRD and as MetaImage (moved to
-    another origin): each label comes back in its input's format and geometry and segments the volume."""
+    """The exact two-overlay inference command on a folder holding a real volume as NRRD, as MetaImage and as a
+    DICOM series (moved to another origin): each label comes back in its input's format (NIfTI for the series) and
+    geometry and segments the volume."""
     root = shared_data_dir / "hippocampus" / "Task04_Hippocampus"
     nifti = nib.load(root / "imagesTr" / f"{CASE}.nii.gz")
     truth = np.asarray(nib.load(root / "labelsTr" / f"{CASE}.nii.gz").dataobj)
@@ -90,14 +119,26 @@ def test_the_documented_command_answers_nrrd_and_metaimage_in_their_own_format(s
     volume = _itk_volume(np.asarray(nifti.dataobj).astype(np.float32), (1.0, 1.0, 1.0), (-40.0, 25.0, 7.5), lps)
     for name in ("scan_a.nrrd", "scan_b.mha"):
         itk.imwrite(volume, str(inputs / name), compression=True)
+    _write_dicom_series(np.asarray(nifti.dataobj), inputs / "scan_c", (1.0, 1.0, 1.0), (-40.0, 25.0, 7.5))
     configs = ["configs/inference.yaml", "configs/datasets/hippocampus.yaml"]
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs)]
     command += ["--input_dir", str(inputs), "--output_dir", str(out), "--bundle_root", str(tmp_path / "bundle")]
     command += ["--num_generations", "2", "--whole_slices", "true"]  # the fast protocol: seconds per volume
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (out / "masks").iterdir()) == ["scan_a.nrrd", "scan_b.mha"]
-    assert sorted(p.name for p in (out / "uncertainty").iterdir()) == ["scan_a.nrrd", "scan_b.mha"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["scan_a.nrrd", "scan_b.mha", "scan_c.nii.gz"]
+    assert sorted(p.name for p in (out / "uncertainty").iterdir()) == ["scan_a.nrrd", "scan_b.mha", "scan_c.nii.gz"]
+    # the DICOM series: a NIfTI label in the series' own grid (its RAS affine, as MONAI's ITKReader gives it)
+    from monai.data import ITKReader
+
+    reader = ITKReader()
+    series, meta = reader.get_data(reader.read(str(inputs / "scan_c")))
+    label = nib.load(out / "masks" / "scan_c.nii.gz")
+    assert label.shape == series.shape and np.allclose(label.affine, meta["original_affine"])
+    assert np.allclose(label.affine[:3, 3], [40.0, -25.0, 7.5])  # the series' origin, LPS -> RAS
+    predicted = np.asarray(label.dataobj)
+    dice = [2 * np.sum((predicted == c) & (truth == c)) / (np.sum(predicted == c) + np.sum(truth == c)) for c in (1, 2)]
+    assert min(dice) > 0.75, ("scan_c (DICOM)", dice)
     for name in ("scan_a.nrrd", "scan_b.mha"):
         mask = itk.imread(str(out / "masks" / name))
         assert _geometry(mask) == _geometry(itk.imread(str(inputs / name)))

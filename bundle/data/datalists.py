@@ -28,16 +28,25 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
 
 
+#: the suffix that makes a sub-folder of an inference folder one DICOM series (read by MONAI's ITKReader)
+DICOM_SERIES = ".dcm"
+
+
 def image_folder_datalist(folder: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[dict]:
     """``[{"image": path}, ...]`` for the files directly in ``folder`` whose names end in one of ``suffixes``
-    (case-insensitive, so ``.nii.gz`` works), sorted; an error names the folder if there are none."""
+    (case-insensitive, so ``.nii.gz`` works), sorted; with ``.dcm`` among the suffixes, each sub-folder holding
+    ``.dcm`` files is one item (a DICOM series, read as one volume). An error names the folder if there are none."""
     from pathlib import Path
 
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder does not exist")
-    wanted = tuple(s.lower() for s in suffixes)
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(wanted))
-    if not files:
+    wanted = tuple(s.lower() for s in suffixes if s.lower() != DICOM_SERIES)
+    items = [p for p in root.iterdir() if p.is_file() and wanted and p.name.lower().endswith(wanted)]
+    if DICOM_SERIES in (s.lower() for s in suffixes):
+        items += [
+            p for p in root.iterdir() if p.is_dir() and any(f.name.lower().endswith(DICOM_SERIES) for f in p.iterdir())
+        ]
+    if not items:
         raise ValueError(f"{root}: no images with suffix {', '.join(suffixes)}")
-    return [{"image": str(p)} for p in files]
+    return [{"image": str(p)} for p in sorted(items)]

@@ -89,6 +89,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def _suffix(path: str | os.PathLike) -> str:
+    if os.path.isdir(path):  # a DICOM series
+        return ""
     name = Path(str(path)).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
@@ -190,8 +192,11 @@ def save_label_volume(
 
 
 def volume_file_stem(path: str | os.PathLike) -> str:
-    """``a/b/x.nii.gz`` -> ``x`` (also ``.nii``, ``.nrrd``, ``.mha``, ``.mhd``)."""
+    """``a/b/x.nii.gz`` -> ``x`` (also ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``); a DICOM series folder's
+    own name."""
     name = Path(str(path)).name
+    if os.path.isdir(path):
+        return name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]

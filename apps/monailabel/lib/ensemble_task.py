@@ -84,7 +84,10 @@ class EnsembleBundleInferTask(BundleInferTask):
             return
         self.model_name = os.path.basename(os.path.normpath(path))
         self.default_generations = int(self.bundle_config.get_parsed_content("num_generations"))
-        steps = self.bundle_config.get("num_timesteps")  # diffusion methods only
+        # sampling steps: diffusion samplers only (the U-Net's and the latent models' configs keep the base's key)
+        sampler = self.bundle_config.get("sampler") or {}
+        diffusion = "bundle.diffusion." in str(sampler.get("_target_", "") if isinstance(sampler, dict) else sampler)
+        steps = self.bundle_config.get("num_timesteps") if diffusion else None
         self.num_timesteps = int(self.bundle_config.get_parsed_content("num_timesteps")) if steps is not None else None
         channels = self.bundle_config.get("image_channels")  # the network's input channels after preprocessing
         self.image_channels = (
