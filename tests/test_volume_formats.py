@@ -9,6 +9,7 @@ spacing and direction.
 
 from __future__ import annotations
 
+import locale
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,14 @@ def _write_dicom_series(array: np.ndarray, folder: Path, spacing, origin) -> Non
     """``array`` (i, j, k) as an axial DICOM series (one file per k, MR, int16), positions and spacing in the tags."""
     folder.mkdir(parents=True)
     uid = "1.2.826.0.1.3680043.2.1125.7"
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale for the whole process; put it back
+    try:
+        _write_slices(array, folder, spacing, origin, uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(array: np.ndarray, folder: Path, spacing, origin, uid: str) -> None:
     for k in range(array.shape[2]):
         image = itk.image_from_array(np.ascontiguousarray(array[:, :, k].T.astype(np.int16)))
         tags = image.GetMetaDataDictionary()
