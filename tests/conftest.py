@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs as pytest-xdist workers (pyproject addopts: -n 2): one thread each, and for every process a
+    # test starts, so that two workers on two cores do not oversubscribe them (two threads each under contention
+    # made an iteration ten times slower on this project's 2-core machines)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
