@@ -18,12 +18,20 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, fsync: bool = False, single_writer: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block ends without an error the file written there
     replaces ``path`` (``fsync``: flushed to the disk first, for files a later run must find intact such as
-    checkpoints). On an error the temporary file is removed and ``path`` is left as it was."""
+    checkpoints). On an error the temporary file is removed and ``path`` is left as it was.
+
+    ``single_writer``: only one process ever writes ``path`` (a training's checkpoints), so temporary files of it
+    that a killed process left behind are removed first; never for files that threads or workers write together.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if single_writer:
+        for stale in path.parent.glob(f".tmp-*-{path.name}"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
     try:
         yield tmp

@@ -137,3 +137,51 @@ def test_labels_masks_and_reports_that_cannot_be_written_leave_the_previous_file
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # every previous file byte-identical, and no temporary file left beside them
     assert np.asarray(nib.load(out / "volume.nii.gz").dataobj).min() == 1
+
+
+SLOW_CHECKPOINTS = """
+import sys, torch
+from bundle.handlers.checkpoint import atomic_torch_save
+path = sys.argv[1]
+atomic_torch_save({"version": torch.tensor(0), "w": torch.zeros(10)}, path)
+print("saved 0", flush=True)
+big = torch.ones(60_000_000)  # 240 MB: the next write takes long enough to be killed in the middle
+for version in range(1, 100):
+    atomic_torch_save({"version": torch.tensor(version), "w": big}, path)
+"""
+
+
+def test_kill_9_in_the_middle_of_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    import time
+
+    path = tmp_path / "models" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHECKPOINTS, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "saved 0"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the temporary file of write 1 exists and is partly written
+            partial = [p for p in path.parent.glob(".tmp-*-last.pt") if p.stat().st_size > 1_000_000]
+            if partial:
+                break
+            time.sleep(0.005)
+        else:
+            raise AssertionError("the second checkpoint write never started")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(path, weights_only=True)  # the final name holds a whole checkpoint
+    assert int(state["version"]) == 0 and state["w"].shape == (10,)
+    left = list(path.parent.glob(".tmp-*-last.pt"))
+    assert left and left[0].stat().st_size < 240_000_000 + 10_000  # the killed write's partial file, beside it
+    # the next save of the same checkpoint (a resumed run) clears what the killed process left
+    from bundle.handlers.checkpoint import atomic_torch_save
+
+    atomic_torch_save({"version": torch.tensor(1)}, path)
+    assert int(torch.load(path, weights_only=True)["version"]) == 1
+    assert not list(path.parent.glob(".tmp-*"))

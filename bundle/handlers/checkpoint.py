@@ -48,7 +48,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     try:
         # a Python file object: a refused write is then an OSError with its errno (torch's own file writer reports
         # only "unexpected pos")
-        with atomic_output(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        with atomic_output(path, fsync=True, single_writer=True) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
     except (OSError, RuntimeError) as err:
         written = any(isinstance(link, OSError) for link in error_chain(err)) or "writ" in str(err).lower()
