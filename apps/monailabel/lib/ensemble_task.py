@@ -174,14 +174,12 @@ class EnsembleBundleInferTask(BundleInferTask):
                 Image.fromarray(u, mode="F").save(u_file)
             else:
                 u_file = self._save_volume(u, data, _temp_file(extension), np.float32)
-            foreground = label > 0
             result["uncertainty"] = {
                 "file": u_file,
                 "mean": float(u.mean()),
                 "max": float(u.max()),
                 "fraction_above_0.1": float((u > 0.1).mean()),
-                "mean_in_foreground": float(u[foreground].mean()) if foreground.any() else None,
-                "foreground_fraction": float(foreground.mean()),
+                "foreground_fraction": float((label > 0).mean()),
                 "score": foreground_uncertainty(u, label),
                 "definition": "standard deviation of the generations' foreground probabilities per pixel",
             }
