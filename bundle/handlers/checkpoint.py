@@ -280,6 +280,11 @@ class AtomicCheckpointSaver:
         last_filename: path of the resumable checkpoint, relative to ``save_dir``.
         resume: whether this run continues from ``last_filename`` (then existing files are expected).
         overwrite: allow a new run to replace existing checkpoints in ``save_dir``.
+        init_weights: fine-tune: a new (not resumed) run starts from these weights, with fresh optimizers, learning
+            rate schedules and epoch count. Either a training checkpoint (``checkpoints/last.pt`` of a run of the
+            same method and networks: every network and the EMA network are loaded) or a bundle's ``model.pt``
+            (the served network: loaded into ``model`` and into the trained network of the same parameters, e.g.
+            the cDAL generator; a discriminator starts fresh).
     """
 
     def __init__(
@@ -294,8 +299,10 @@ class AtomicCheckpointSaver:
         resume: bool = False,
         overwrite: bool = False,
         map_location: str | torch.device | None = None,
+        init_weights: str | os.PathLike | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
+        self.init_weights = Path(init_weights) if init_weights else None
         self.save_dict = dict(save_dict)
         self.model = model
         self.evaluator = evaluator
@@ -368,6 +375,42 @@ class AtomicCheckpointSaver:
                 f"{existing[0]}: a checkpoint from an earlier run exists. Continue it with '--resume true', "
                 "write elsewhere with '--bundle_root <folder>' (or '--ckpt_dir'), or replace it with '--overwrite true'."
             )
+        if self.init_weights is not None:
+            self._load_initial_weights(self.init_weights)
+
+    def _load_initial_weights(self, path: Path) -> None:
+        """Networks (not optimizers, schedules or counters) from a training checkpoint or a ``model.pt``."""
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: --init_weights names no file (a checkpoints/last.pt or a model.pt)")
+        try:
+            state = torch.load(path, map_location=self.map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise ValueError(f"{path}: --init_weights is not a readable PyTorch checkpoint ({err})") from err
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path}: --init_weights holds a {type(state).__name__}, not a state dict")
+        networks = self.save_dict.get("networks")
+        targets: list[tuple[str, torch.nn.Module, Mapping[str, Any]]] = []
+        if "networks" in state or any(k in LEGACY_KEYS for k in state):
+            state = upgrade_legacy_state(state)
+            for name, obj in getattr(networks, "objects", {}).items():
+                if name not in state["networks"]:
+                    raise KeyError(f"{path}: holds the networks {sorted(state['networks'])}, this run trains {name!r}")
+                targets.append((name, _unwrapped(obj), state["networks"][name]))
+            if "ema_network" in state and "ema_network" in self.save_dict:
+                targets.append(("ema_network", _unwrapped(self.save_dict["ema_network"]), state["ema_network"]))
+        else:  # a model.pt: the served network's weights
+            targets.append(("model", _unwrapped(self.model), state))
+            for name, obj in getattr(networks, "objects", {}).items():
+                module = _unwrapped(obj)
+                own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+                if module is not _unwrapped(self.model) and own == {k: tuple(v.shape) for k, v in state.items()}:
+                    targets.append((name, module, state))
+        for name, module, weights in targets:
+            try:
+                module.load_state_dict(weights)
+            except RuntimeError as err:
+                raise ValueError(f"{path}: does not fit this run's {name}: {err}") from err
+        logger.info(f"initial weights from {path}: {', '.join(sorted({n for n, _, _ in targets}))}")
 
     def _epoch_completed(self, engine: Engine) -> None:
         if self.evaluator is None and process_rank() == 0:
