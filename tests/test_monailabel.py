@@ -561,6 +561,82 @@ def test_a_volume_uploaded_as_nrrd_or_metaimage_comes_back_in_its_format_and_geo
         assert min(dice) > 0.75, dice
 
 
+# read in MONAI Label's environment (pydicom-seg, SimpleITK): the DICOM SEG's label array, its geometry and the
+# instances it references
+READ_SEG_SCRIPT = """
+import json, sys
+import numpy as np, pydicom, pydicom_seg, SimpleITK
+seg = pydicom.dcmread(sys.argv[1])
+result = pydicom_seg.MultiClassReader().read(seg)
+image = result.image
+np.save(sys.argv[2], np.transpose(SimpleITK.GetArrayFromImage(image), (2, 1, 0)))
+refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
+print(json.dumps({"modality": seg.Modality, "sop_class": str(seg.SOPClassUID), "segments": [
+    (int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence], "origin": image.GetOrigin(),
+    "spacing": image.GetSpacing(), "direction": image.GetDirection(), "references": sorted(refs)}))
+"""
+
+
+@pytest.mark.parametrize("asked", [None, ".nii.gz"])
+def test_a_dicom_series_comes_back_as_a_dicom_seg_in_its_geometry(server, monailabel_venv, tmp_path, asked):
+    """A DICOM series (the volume written slice by slice, as a ZIP of its files) -> a DICOM SEG that references its
+    instances, in its geometry (or NIfTI in its grid, when asked)."""
+    import zipfile
+
+    import itk
+    import nibabel as nib
+    from dicom_helpers import write_dicom_series
+
+    spacing, origin = (1.0, 1.0, 1.0), (-40.0, 25.0, 7.5)
+    series = tmp_path / "series"
+    write_dicom_series(np.asarray(nib.load(server["volume"]).dataobj), series, spacing, origin)
+    upload = tmp_path / "series.zip"
+    with zipfile.ZipFile(upload, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f"{VOLUME}/{f.name}")
+    params = {"num_generations": 1, **({"result_extension": asked} if asked else {})}
+    status, headers, body = _timed(
+        f"infer_volume_3d_dicom_{'seg' if not asked else 'nifti'}_N1",
+        lambda: _request(
+            f"{server['url']}/infer/hippocampus_cdal_3d?output=image", "POST",
+            fields={"params": json.dumps(params)}, files={"file": upload},
+        ),
+    )  # fmt: skip
+    assert status == 200, body[:500]
+    disposition = headers.get("content-disposition") or headers.get("Content-Disposition")
+    reader = itk.ImageSeriesReader[itk.Image[itk.SS, 3]].New(
+        FileNames=[str(f) for f in sorted(series.iterdir())], ImageIO=itk.GDCMImageIO.New()
+    )
+    reader.Update()
+    reference = reader.GetOutput()
+    truth = np.asarray(nib.load(server["volume_label"]).dataobj)
+    if asked:
+        assert disposition.rstrip('"').endswith(".nii.gz"), disposition
+        _, label = _read_nifti(body, tmp_path)
+    else:
+        assert disposition.rstrip('"').endswith(".dcm"), disposition
+        (tmp_path / "label.dcm").write_bytes(body)
+        run = subprocess.run(
+            [str(monailabel_venv / "bin" / "python"), "-c", READ_SEG_SCRIPT, str(tmp_path / "label.dcm"),
+             str(tmp_path / "label.npy")],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        seg = json.loads(run.stdout.strip().splitlines()[-1])
+        assert seg["modality"] == "SEG" and seg["sop_class"] == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+        assert seg["segments"] == [[1, "anterior"], [2, "posterior"]], seg["segments"]
+        uids = sorted(f"1.2.826.0.1.3680043.2.1125.7.3.{k + 1}" for k in range(truth.shape[2]))
+        assert seg["references"] == uids  # every instance of the series
+        assert np.allclose(seg["origin"], reference.GetOrigin()) and np.allclose(seg["spacing"], reference.GetSpacing())
+        assert np.allclose(np.reshape(seg["direction"], (3, 3)), itk.array_from_matrix(reference.GetDirection()))
+        label = np.load(tmp_path / "label.npy")
+    assert label.shape == truth.shape
+    dice = [_dice(label == c, truth == c) for c in (1, 2)]
+    TIMINGS[f"volume_3d_dicom_{'nifti' if asked else 'seg'}_dice"] = [round(d, 4) for d in dice]
+    if server["real"]:
+        assert min(dice) > 0.75, dice
+
+
 @pytest.mark.parametrize(
     ("query", "status", "words"),
     [

@@ -9,7 +9,6 @@ spacing and direction.
 
 from __future__ import annotations
 
-import locale
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from monai.transforms import Compose, LoadImaged, Orientationd
 
 from bundle.transforms.writers import label_extension, save_label_volume, volume_file_stem
+from dicom_helpers import write_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
 CASE = "hippocampus_001"  # fold 0: never trained on by the shipped models
@@ -33,41 +33,6 @@ def _itk_volume(array: np.ndarray, spacing, origin, direction) -> itk.Image:
     image.SetOrigin(origin)
     image.SetDirection(itk.matrix_from_array(np.asarray(direction, dtype=np.float64)))
     return image
-
-
-def _write_dicom_series(array: np.ndarray, folder: Path, spacing, origin) -> None:
-    """``array`` (i, j, k) as an axial DICOM series (one file per k, MR, int16), positions and spacing in the tags."""
-    folder.mkdir(parents=True)
-    uid = "1.2.826.0.1.3680043.2.1125.7"
-    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale for the whole process; put it back
-    try:
-        _write_slices(array, folder, spacing, origin, uid)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _write_slices(array: np.ndarray, folder: Path, spacing, origin, uid: str) -> None:
-    for k in range(array.shape[2]):
-        image = itk.image_from_array(np.ascontiguousarray(array[:, :, k].T.astype(np.int16)))
-        tags = image.GetMetaDataDictionary()
-        position = (origin[0], origin[1], origin[2] + k * spacing[2])
-        for tag, value in {
-            "0020|0032": "\\".join(f"{v:.4f}" for v in position),  # image position (patient), LPS
-            "0020|0037": "-1\\0\\0\\0\\-1\\0",  # row and column directions: the NIfTI's RAS axes, in LPS
-            "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",  # pixel spacing: row, column
-            "0018|0050": f"{spacing[2]:.4f}",
-            "0020|0013": str(k + 1),
-            "0008|0060": "MR",
-            "0020|000d": f"{uid}.1",
-            "0020|000e": f"{uid}.2",
-            "0008|0018": f"{uid}.3.{k + 1}",
-        }.items():
-            tags[tag] = value
-        io = itk.GDCMImageIO.New()
-        io.KeepOriginalUIDOn()
-        itk.ImageFileWriter[type(image)].New(
-            Input=image, FileName=str(folder / f"slice_{k:03d}.dcm"), ImageIO=io
-        ).Update()
 
 
 def _geometry(image: itk.Image) -> tuple:
@@ -128,7 +93,7 @@ def test_the_documented_command_answers_nrrd_and_metaimage_in_their_own_format(s
     volume = _itk_volume(np.asarray(nifti.dataobj).astype(np.float32), (1.0, 1.0, 1.0), (-40.0, 25.0, 7.5), lps)
     for name in ("scan_a.nrrd", "scan_b.mha"):
         itk.imwrite(volume, str(inputs / name), compression=True)
-    _write_dicom_series(np.asarray(nifti.dataobj), inputs / "scan_c", (1.0, 1.0, 1.0), (-40.0, 25.0, 7.5))
+    write_dicom_series(np.asarray(nifti.dataobj), inputs / "scan_c", (1.0, 1.0, 1.0), (-40.0, 25.0, 7.5))
     configs = ["configs/inference.yaml", "configs/datasets/hippocampus.yaml"]
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs)]
     command += ["--input_dir", str(inputs), "--output_dir", str(out), "--bundle_root", str(tmp_path / "bundle")]

@@ -17,7 +17,11 @@ id that holds a path (``../x``), 403 for a path outside the datastore and the up
 the datastore does not hold, 413 for an image past the server's limits (``--conf max_image_voxels N``, from the
 header before decoding; ``--conf max_upload_mb N``), 422 for an image the model cannot take (empty, truncated,
 unreadable, wrong dimensionality or channels, non-finite values) or a bad option (lib/request_checks.py,
-lib/ensemble_task.py). Requests are served one at a time in the order they arrive (MONAI Label runs inference on
+lib/ensemble_task.py).
+
+Volumes come as NIfTI, NRRD or MetaImage files, or a DICOM series as a ZIP archive of its files
+(``lib/dicom_series.py``: unpacked with limits, one series per request); the label comes back in the input's format
+and geometry (a DICOM SEG for a series) or as the request's ``result_extension``. Requests are served one at a time in the order they arrive (MONAI Label runs inference on
 its event loop), so concurrent clients wait rather than share a model mid-call.
 """
 
@@ -34,6 +38,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib.activelearning import SCORE_KEY, MostUncertain, score_entry  # noqa: E402
+from lib.dicom_series import is_series_archive, remove_series, unpack_series  # noqa: E402
 from lib.ensemble_task import EnsembleBundleInferTask  # noqa: E402
 from lib.request_checks import (  # noqa: E402
     DEFAULT_MAX_IMAGE_VOXELS,
@@ -134,14 +139,18 @@ class DiffusionSegmentationApp(MONAILabelApp):
             roots.append(self._sessions.store_path)
         return [r for r in roots if isinstance(r, str) and r and "://" not in r]
 
-    def _check_image(self, image, datastore) -> None:
-        """Refuse (``RequestRefusedError``) an image the server may not read, an empty one or one past the limits."""
+    def _check_image(self, image, datastore) -> str | None:
+        """Refuse (``RequestRefusedError``) an image the server may not read, an empty one or one past the limits;
+        for a ZIP archive of a DICOM series, the folder it was unpacked into (``lib/dicom_series.py``)."""
         resolve_image(image, datastore.list_images(), self._readable_roots(datastore))
         path = image if os.path.isabs(image) else datastore.get_image_uri(image)
         if path and os.path.exists(path):
             refused = size_problem(path, display_name(image), self.max_image_voxels, self.max_upload_mb)
             if refused is not None:
                 raise refused
+            if is_series_archive(path):
+                return unpack_series(path, display_name(image), int(self.max_upload_mb * 2**20))
+        return None
 
     def infer(self, request, datastore=None):
         datastore = datastore if datastore else self.datastore()
@@ -150,13 +159,14 @@ class DiffusionSegmentationApp(MONAILabelApp):
                 status_code=404, detail=f"no model '{request.get('model')}'; this server serves {sorted(self._infers)}"
             )
         image = request.get("image")
+        series = None
         if isinstance(image, str) or image is None:
             try:
-                self._check_image(image, datastore)
+                series = self._check_image(image, datastore)
             except RequestRefusedError as err:
                 raise HTTPException(status_code=err.status, detail=err.message) from None
         try:
-            result = super().infer(request, datastore)
+            result = super().infer({**request, "image": series} if series else request, datastore)
         except MONAILabelException as err:
             status = 422 if err.error == MONAILabelError.INVALID_INPUT else 500
             raise HTTPException(status_code=status, detail=err.msg) from err
@@ -165,6 +175,9 @@ class DiffusionSegmentationApp(MONAILabelApp):
         except Exception as err:  # noqa: BLE001 - reported to the client with its message
             logger.exception("inference failed")
             raise HTTPException(status_code=500, detail=f"inference failed: {type(err).__name__}: {err}") from err
+        finally:
+            if series:
+                remove_series(series)
         params = result.get("params") or {}
         uncertainty = params.get("uncertainty")
         if uncertainty and isinstance(image, str) and not os.path.exists(image):

@@ -12,7 +12,10 @@ what annotators need beside the mask:
 - the label written as an 8-bit PNG (2-D; 0 background, 1 foreground) or, for volumes, in the input's format and
   geometry (a uint8 NIfTI with the input's affine and header; NRRD / MetaImage with its origin, spacing and
   direction) or the request's ``result_extension``, instead of MONAI Label's default ITK writer, which transposes
-  2-D arrays;
+  2-D arrays; for a DICOM series (``lib/dicom_series.py``) a DICOM SEG object that references the series' instances
+  (``pydicom-seg``, MONAI Label's own dependency), one segment per foreground class, or NIfTI when the request asks
+  (``result_extension``) or nothing was predicted (a DICOM SEG holds no empty segmentation); the uncertainty of a
+  series is a float32 NIfTI in its grid;
 - input checks that end in ``MONAILabelException(INVALID_INPUT)`` with the file and the problem named: an image
   that the model's preprocessing cannot read, or one of the wrong dimensionality.
 """
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MAX_GENERATIONS = 64
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+DICOM_SEG = ".dcm"
 
 
 def _invalid(message: str) -> MONAILabelException:
@@ -161,7 +165,17 @@ class EnsembleBundleInferTask(BundleInferTask):
             Image.fromarray(label).save(label_file)
         else:
             extension = self._volume_extension(data)
-            label_file = self._save_volume(label, data, _temp_file(extension), np.uint8)
+            if extension == DICOM_SEG:  # a DICOM series: its label as a DICOM SEG, its uncertainty as NIfTI
+                extension = ".nii.gz"
+                volume = self._save_volume(label, data, _temp_file(extension), np.uint8)
+                if label.any():
+                    label_file = self._dicom_seg(volume, data["image_path"])
+                    os.remove(volume)
+                else:
+                    label_file = volume
+                    result["label_note"] = "nothing was predicted; a DICOM SEG holds no empty segmentation: NIfTI"
+            else:
+                label_file = self._save_volume(label, data, _temp_file(extension), np.uint8)
         uncertainty = data.get("uncertainty")
         if uncertainty is not None and str(data.get("save_uncertainty", True)).lower() != "false":
             u = _array(uncertainty).astype(np.float32)
@@ -172,7 +186,7 @@ class EnsembleBundleInferTask(BundleInferTask):
 
                 u_file = _temp_file(".tif")
                 Image.fromarray(u, mode="F").save(u_file)
-            else:
+            else:  # the label's format (NIfTI beside a DICOM SEG)
                 u_file = self._save_volume(u, data, _temp_file(extension), np.float32)
             result["uncertainty"] = {
                 "file": u_file,
@@ -191,13 +205,62 @@ class EnsembleBundleInferTask(BundleInferTask):
         MetaImage (``bundle.transforms.writers.label_extension``)."""
         from bundle.transforms.writers import label_extension
 
+        image = data.get("image_path") or ""
+        series = os.path.isdir(image)
+        allowed = (*VOLUME_EXTENSIONS, DICOM_SEG) if series else VOLUME_EXTENSIONS
         asked = data.get("result_extension")
         if asked:
             asked = asked if asked.startswith(".") else f".{asked}"
-            if asked not in VOLUME_EXTENSIONS:
-                raise _invalid(f"result_extension {asked!r}: volumes are written as one of {list(VOLUME_EXTENSIONS)}")
+            if asked not in allowed:
+                raise _invalid(f"result_extension {asked!r}: this volume's label is written as one of {list(allowed)}")
             return asked
-        return label_extension(data.get("image_path") or "")
+        return DICOM_SEG if series else label_extension(image)
+
+    def _dicom_seg(self, volume: str, series: str) -> str:
+        """The uint8 label ``volume`` (NIfTI in the series' grid) as a DICOM SEG of the series in folder ``series``:
+        one segment per foreground class (the bundle's ``class_names``), referencing every source instance."""
+        import pydicom
+        import pydicom_seg
+        import SimpleITK
+
+        names = self.bundle_config.get("class_names") or ["foreground"]
+        names = list(self.bundle_config.get_parsed_content("class_names")) if isinstance(names, str) else list(names)
+        segments = [
+            {
+                "labelID": value,
+                "SegmentLabel": name,
+                "SegmentDescription": f"{name} ({self.model_name})",
+                "SegmentAlgorithmType": "AUTOMATIC",
+                "SegmentAlgorithmName": self.model_name,
+                "SegmentedPropertyCategoryCodeSequence": {
+                    "CodeValue": "123037004",
+                    "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Anatomical Structure",
+                },
+                # no standard code is claimed for a model's class: a local coding scheme ("99" prefix) names it
+                "SegmentedPropertyTypeCodeSequence": {
+                    "CodeValue": f"DIFFSEG{value}",
+                    "CodingSchemeDesignator": "99DIFFSEG",
+                    "CodeMeaning": name,
+                },
+            }
+            for value, name in enumerate(names, start=1)
+        ]
+        template = pydicom_seg.template.from_dcmqi_metainfo(
+            {
+                "ContentCreatorName": "diffseg",
+                "SeriesDescription": f"{self.model_name} segmentation",
+                "ContentDescription": "diffusion ensemble segmentation (MONAI Label)",
+                "segmentAttributes": [segments],
+            }
+        )
+        sources = sorted(os.path.join(series, f) for f in os.listdir(series))
+        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in sources]
+        mask = SimpleITK.Cast(SimpleITK.ReadImage(volume), SimpleITK.sitkUInt16)
+        writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=False, skip_empty_slices=False)
+        path = _temp_file(DICOM_SEG)
+        writer.write(mask, datasets).save_as(path)
+        return path
 
     def _save_volume(self, array: np.ndarray, data: dict[str, Any], path: str, dtype) -> str:
         """A volume in the input's voxel grid with its affine and header (the postprocessing inverted the
