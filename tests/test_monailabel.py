@@ -45,6 +45,23 @@ THREADS = os.environ.get("OMP_NUM_THREADS", "2")
 # the server's limits in this test (the defaults are far larger): the 1000 x 1000 tiles and the volumes pass
 MAX_IMAGE_VOXELS = 2_000_000
 MAX_UPLOAD_MB = 8
+# every method x dataset the bundle trains, besides the trained / shipped models above (monuseg_cdal, cxr_unet,
+# hippocampus_cdal[_3d]): exported from untrained weights, so their tests check the serving path of each (label,
+# format, uncertainty summary), not its quality; Hippocampus served with whole slices (the fast protocol)
+METHOD_CONFIGS = {
+    "cdal": [],
+    "segdiff": ["methods/segdiff.yaml"],
+    "unet": ["methods/unet.yaml"],
+    "prob_unet": ["methods/prob_unet.yaml"],
+    "mose": ["methods/mose.yaml"],
+}
+DATASET_OVERRIDES = {"monuseg": {}, "cxr": CXR_OVERRIDES, "lidc": {}, "hippocampus": {"whole_slices": True}}
+MATRIX = [
+    (dataset, method)
+    for dataset in DATASET_OVERRIDES
+    for method in METHOD_CONFIGS
+    if (dataset, method) not in {("cxr", "unet"), ("hippocampus", "cdal")}
+]
 
 
 # ------------------------------------------------------------------------------------------------ HTTP helpers
@@ -143,6 +160,28 @@ def _train(root: Path, configs: list[str], overrides: dict) -> Path:
     model = root / "models" / "model.pt"
     assert model.is_file()
     return model
+
+
+def _export_untrained(dataset: str, method: str, output: Path, work: Path) -> None:
+    """``method`` on ``dataset`` exported with freshly initialised weights (scripts/export_monailabel_bundle.py)."""
+    import importlib.util
+
+    import torch
+    from monai.bundle import ConfigParser
+
+    spec = importlib.util.spec_from_file_location("export_ml", REPO / "scripts" / "export_monailabel_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    overrides = DATASET_OVERRIDES[dataset]
+    parser = ConfigParser()
+    configs = ["inference.yaml", *METHOD_CONFIGS[method], f"datasets/{dataset}.yaml", "monailabel/infer.yaml"]
+    parser.read_config([str(REPO / "configs" / c) for c in configs])
+    for key, value in overrides.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    weights = work / f"untrained_{dataset}_{method}.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
+    module.export(dataset, weights, output, method_configs=METHOD_CONFIGS[method], overrides=overrides)
 
 
 def _export(dataset: str, checkpoint: Path, output: Path, *extra: str) -> None:
@@ -252,6 +291,9 @@ def server(monailabel_venv, source_files, tmp_path_factory):
         "cxr", unet_model, bundles / "cxr_unet", "--method_configs", "methods/unet.yaml",
         "--set", *(f"{k}={v}" for k, v in CXR_OVERRIDES.items()),
     )  # fmt: skip
+
+    for dataset, method in MATRIX:
+        _export_untrained(dataset, method, bundles / f"x_{dataset}_{method}", work)
 
     studies = work / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
@@ -559,6 +601,47 @@ def test_a_volume_uploaded_as_nrrd_or_metaimage_comes_back_in_its_format_and_geo
     TIMINGS[f"volume_3d_{suffix[1:]}_dice"] = [round(d, 4) for d in dice]
     if server["real"]:
         assert min(dice) > 0.75, dice
+
+
+@pytest.mark.parametrize(("dataset", "method"), MATRIX, ids=[f"{d}-{m}" for d, m in MATRIX])
+def test_every_method_on_every_dataset_is_served(server, tmp_path, dataset, method):
+    """Each export answers an upload of its dataset's kind with a label of the input's size and the label values
+    the model has, and the uncertainty summary (the untrained weights make the content arbitrary)."""
+    import nibabel as nib
+    from PIL import Image
+
+    radiograph = Image.open(server["cxr"] / "CXR_png" / f"{server['radiograph']}.png")
+    if dataset == "monuseg":
+        upload, shape = tmp_path / "tile.tif", (256, 256)
+        Image.fromarray(np.array(Image.open(server["tile"]).convert("RGB"))[:256, :256]).save(upload)
+    elif dataset == "cxr":
+        upload, shape = server["cxr"] / "CXR_png" / f"{server['radiograph']}.png", radiograph.size[::-1]
+    elif dataset == "lidc":  # a 128 x 128 grey crop, as the LIDC crops are stored
+        upload, shape = tmp_path / "crop.jpg", (128, 128)
+        radiograph.convert("L").resize((128, 128)).save(upload)
+    else:
+        upload, shape = server["volume"], nib.load(server["volume"]).shape
+    generations = 1 if method == "unet" else 2
+    url = f"{server['url']}/infer/x_{dataset}_{method}?output=all"
+    status, headers, body = _timed(
+        f"infer_untrained_{dataset}_{method}",
+        lambda: _request(url, "POST", fields={"params": json.dumps({"num_generations": generations})},
+                         files={"file": upload}),
+    )  # fmt: skip
+    assert status == 200, body[:500]
+    parts = _multipart(headers, body)
+    params = json.loads(parts["params"])
+    label = _read_nifti(parts["image"], tmp_path)[1] if dataset == "hippocampus" else _read_png(parts["image"])
+    assert label.shape == tuple(shape), (label.shape, shape)
+    assert set(np.unique(label)) <= ({0, 1, 2} if dataset == "hippocampus" else {0, 1})
+    assert params["num_generations"] == generations and params["label_values"] == sorted(
+        int(v) for v in np.unique(label)
+    )
+    summary = params["uncertainty"]
+    assert 0 <= summary["mean"] <= summary["max"] <= 1 and 0 <= summary["score"] <= 1
+    if method == "unet":
+        assert summary["max"] == 0.0  # one deterministic generation
+    assert (params["num_timesteps"] is not None) == (method in ("cdal", "segdiff"))
 
 
 # read in MONAI Label's environment (pydicom-seg, SimpleITK): the DICOM SEG's label array, its geometry and the

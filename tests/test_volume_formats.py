@@ -17,10 +17,10 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_helpers import write_dicom_series
 from monai.transforms import Compose, LoadImaged, Orientationd
 
 from bundle.transforms.writers import label_extension, save_label_volume, volume_file_stem
-from dicom_helpers import write_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
 CASE = "hippocampus_001"  # fold 0: never trained on by the shipped models

@@ -25,6 +25,7 @@ U-Net or MoSE, or the one prediction of a deterministic U-Net. For every method:
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Sequence
 from functools import partial
@@ -45,6 +46,21 @@ __all__ = ["EnsembleInferer", "OUTPUT_KEYS"]
 logger = logging.getLogger(__name__)
 
 OUTPUT_KEYS = ("mean", "uncertainty", "samples", "weights")
+
+
+def network_size_divisor(network: nn.Module) -> int:
+    """What the input sides of ``network`` must be a multiple of (its ``size_divisor``: 2 ** (levels - 1) for the
+    U-Net-shaped networks here), looked up through the DDP / compile / autocast wrappers; 1 when it says nothing."""
+    for _ in range(8):
+        divisor = getattr(network, "size_divisor", None)
+        if divisor:
+            return int(divisor)
+        inner = unwrap_network(network)
+        inner = inner if inner is not network else getattr(network, "network", None)
+        if not isinstance(inner, nn.Module):
+            return 1
+        network = inner
+    return 1
 
 
 class EnsembleInferer(Inferer):
@@ -74,7 +90,8 @@ class EnsembleInferer(Inferer):
             edge replication to a multiple of ``size_divisor``, cropped back) instead of ``roi_size`` windows with
             ``overlap``: the fast protocol for fully convolutional networks (docs/benchmarks.md has its Dice
             against the windowed paper protocol).
-        size_divisor: what the network's input sides must be a multiple of (4 for the generators here).
+        size_divisor: what the input sides must be a multiple of (4 for the generators here); a network that says
+            more (its ``size_divisor`` attribute: 8 for a three-stride U-Net) is padded to both.
     """
 
     def __init__(
@@ -183,7 +200,7 @@ class EnsembleInferer(Inferer):
                 )
             slice_shape = [s for a, s in enumerate(inputs.shape[2:]) if a != self.slice_axis]
             if self.whole_slices:  # one window per slice: the slice padded up to the network's size multiple
-                divisor = self.size_divisor
+                divisor = math.lcm(self.size_divisor, network_size_divisor(network))
                 roi, overlap, padding = [-(-s // divisor) * divisor for s in slice_shape], 0.0, "replicate"
             else:
                 roi, overlap, padding = list(self.roi_size or slice_shape), self.overlap, "constant"

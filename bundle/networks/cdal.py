@@ -117,6 +117,7 @@ class CDALGenerator(nn.Module):
         self.spatial_dims = dims
         self.label_channels, self.image_channels, self.num_channels = label_channels, image_channels, nf
         self.nz, self.num_levels = nz, levels
+        self.size_divisor = 2 ** (levels - 1)  # what the input's sides must be a multiple of
         self.progressive_input = progressive_input
         level_sizes = [image_size // 2**i for i in range(levels)]
         use_attention = [size in tuple(attention_resolutions) for size in level_sizes]

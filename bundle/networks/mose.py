@@ -171,6 +171,7 @@ class MixtureOfStochasticExperts(nn.Module):
         self.image_channels, self.label_channels = image_channels, label_channels
         self.num_experts, self.latent_dim, self.sample_chunk = num_experts, latent_dim, sample_chunk
         self.num_levels = len(num_channels)
+        self.size_divisor = 2 ** (self.num_levels - 1)  # what the input's sides must be a multiple of
         self.backbone = MoSEUNet(image_channels, num_channels)
         self.gating = ExpertGating(num_channels[-2], num_experts)
         self.num_classes = 2 if label_channels == 1 else label_channels

@@ -112,6 +112,7 @@ class ProbabilisticUNet(nn.Module):
         self.image_channels, self.label_channels, self.latent_dim = image_channels, label_channels, latent_dim
         self.posterior_shift, self.sample_chunk = posterior_shift, sample_chunk
         self.num_levels = len(num_channels)
+        self.size_divisor = 2 ** (self.num_levels - 1)  # what the input's sides must be a multiple of
         self.encoder = VGGEncoder(image_channels, num_channels, convs_per_block)
         self.decoder = nn.ModuleList(
             _vgg_block(num_channels[i + 1] + num_channels[i], num_channels[i], convs_per_block, pool=False)

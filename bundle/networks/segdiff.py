@@ -83,6 +83,7 @@ class SegDiffNetwork(nn.Module):
         self.image_channels = image_channels
         self.num_channels = num_channels
         self.num_levels = len(channels)
+        self.size_divisor = 2 ** (self.num_levels - 1)  # what the input's sides must be a multiple of
         self.conditioning = conditioning
 
         if conditioning == "image_concat":

@@ -8,6 +8,7 @@ the ensemble inferer's ``DeterministicSampler`` turns them into probabilities.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from monai.networks.nets import UNet
@@ -52,3 +53,4 @@ class BaselineUNet(UNet):
         )
         self.image_channels = image_channels
         self.label_channels = label_channels
+        self.size_divisor = math.prod(int(s) for s in strides)  # what the input's sides must be a multiple of
