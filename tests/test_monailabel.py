@@ -952,11 +952,32 @@ def test_the_uncertainty_strategy_proposes_the_image_whose_ensemble_disagrees_mo
     TIMINGS["uncertainty_scores"] = {k: round(v, 5) for k, v in everything.items()}
 
 
+def _cached_scores(server, model: str) -> dict[str, dict]:
+    """The uncertainty scores the datastore holds for ``model``, by unlabelled image id."""
+    status, _, body = _request(f"{server['url']}/datastore/?output=all")
+    assert status == 200, body[:300]
+    objects = json.loads(body)["objects"]
+    return {
+        image: obj["image"]["info"]["uncertainty_score"][model]
+        for image, obj in objects.items()
+        if model in obj.get("image", {}).get("info", {}).get("uncertainty_score", {})
+        and not obj.get("labels", {}).get("final")
+    }
+
+
 def test_a_short_training_request_completes_and_updates_the_served_model(server):
     import sqlite3
 
     bundle = server["bundles"] / "monuseg_cdal"
     before = (bundle / "models" / "model.pt").stat().st_mtime
+    # a score cached by the weights before the training (the strategy test may have cached others)
+    status, _, body = _request(
+        f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json", "POST",
+        fields={"params": json.dumps({"num_generations": 2})},
+    )  # fmt: skip
+    assert status == 200, body[:500]
+    cached_before = _cached_scores(server, "monuseg_cdal")
+    assert TILE in cached_before
     status, _, body = _timed(
         "train_1_epoch",
         lambda: _request(
@@ -977,6 +998,14 @@ def test_a_short_training_request_completes_and_updates_the_served_model(server)
     assert runs == [("FINISHED",)] and len(dice) == 1 and 0 <= dice[0][0] <= 1
     assert losses == [(10,)]  # the 10 iterations of the epoch ran (one training tile: one batch of 1 per pass)
     TIMINGS["train_val_dice"] = round(dice[0][0], 4)
+    # the training refreshed every cached score of that model: each one now postdates the new weights
+    trained = (bundle / "models" / "model.pt").stat().st_mtime
+    cached_after = _cached_scores(server, "monuseg_cdal")
+    assert set(cached_after) == set(cached_before)
+    for image, entry in cached_after.items():
+        assert entry["ts"] >= trained > cached_before[image]["ts"], (image, entry, trained)
+        assert entry["num_generations"] == cached_before[image]["num_generations"]
+    assert f"uncertainty scores of monuseg_cdal: {len(cached_before)} images scored again" in server["log"].read_text()
     # the server serves the refined model at once
     status, _, body = _request(
         f"{server['url']}/infer/monuseg_cdal?image={TILE}&output=json",

@@ -37,7 +37,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lib.activelearning import SCORE_KEY, MostUncertain, score_entry  # noqa: E402
+from lib.activelearning import SCORE_KEY, MostUncertain, RefreshUncertaintyScores, score_entry  # noqa: E402
 from lib.dicom_series import is_series_archive, remove_series, unpack_series  # noqa: E402
 from lib.ensemble_task import EnsembleBundleInferTask  # noqa: E402
 from lib.request_checks import (  # noqa: E402
@@ -103,6 +103,9 @@ class DiffusionSegmentationApp(MONAILabelApp):
             description="Diffusion segmentation ensembles (cDAL, SegDiff) with per-pixel uncertainty",
             version="0.1.0",
         )
+        # MONAI Label would run every scoring method after each /activelearning call and at start-up, each time in
+        # a new process that loads every model; scores only go stale when a model is trained (train() below)
+        self._auto_update_scoring = False
 
     def init_infers(self):
         infers = {}
@@ -121,6 +124,19 @@ class DiffusionSegmentationApp(MONAILabelApp):
         if default not in self.models:
             raise ValueError(f"--conf uncertainty_model {default!r}: not among the served models {self.models}")
         return {"uncertain": MostUncertain(default), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self):
+        weights = {name: os.path.join(self.bundles_dir, name, "models", "model.pt") for name in self.models}
+        return {"uncertainty": RefreshUncertaintyScores(self.infer, weights)}
+
+    def train(self, request):
+        """MONAI Label's training task, then the cached uncertainty scores of the trained model made current
+        (``lib/activelearning.py``); this runs in the training task's own process."""
+        result = super().train(request)
+        model = request.get("model")
+        if model in self.models and self._scoring_methods:
+            self.scoring({"method": "uncertainty", "model": model})
+        return result
 
     def init_trainers(self):
         return {

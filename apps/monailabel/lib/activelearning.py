@@ -7,6 +7,13 @@ under ``uncertainty_score`` -> model name, with the ensemble size and the time. 
 unlabelled images by those cached scores, so ``/activelearning/uncertain`` answers without running a model;
 images not scored yet by that model come after the scored ones, in the datastore's order.
 
+After a training, the cached scores of that model describe weights it no longer has: ``RefreshUncertaintyScores``
+(the scoring method ``uncertainty``) infers again every unlabelled image whose score is older than its model's
+``model.pt`` (``"all": true`` in the request also scores the images never scored), and the app runs it at the end of
+every training task (``main.py``). MONAI Label's own trigger, which runs every scoring method after each
+``/activelearning`` call and at start-up in a fresh process that loads every model, is off in this app: only a
+training makes scores stale.
+
 MONAI Label's stock strategies are ``random`` and ``first`` (kept beside it) and a dropout-based epistemic score
 for networks with dropout, which these networks do not need: their generations already are samples.
 """
@@ -14,10 +21,13 @@ for networks with dropout, which these networks do not need: their generations a
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 logger = logging.getLogger(__name__)
@@ -32,7 +42,7 @@ def cached_score(info: dict[str, Any], model: str) -> float | None:
 
 
 def score_entry(score: float, generations: int | None) -> dict[str, Any]:
-    return {"score": float(score), "num_generations": generations, "ts": int(time.time())}
+    return {"score": float(score), "num_generations": generations, "ts": round(time.time(), 3)}
 
 
 class MostUncertain(Strategy):
@@ -61,3 +71,46 @@ class MostUncertain(Strategy):
         image = unscored[0][1]
         logger.info(f"uncertain ({model}): no unlabelled image scored yet; proposing {image}")
         return {"id": image, "score": None, "model": model, "scored": 0, "unscored": len(unscored)}
+
+
+class RefreshUncertaintyScores(ScoringMethod):
+    """Re-score the unlabelled images whose cached score predates their model's weights (module docstring).
+
+    Args:
+        infer: the app's ``infer(request, datastore)``, which caches the new score as any inference does.
+        weights: model name -> path of the weights it serves (``<bundle>/models/model.pt``).
+    """
+
+    def __init__(self, infer: Callable[[dict, Datastore], dict], weights: dict[str, str]) -> None:
+        super().__init__(
+            "Infer again the unlabelled images whose cached uncertainty score is older than their model's weights "
+            "(request options 'model', 'all': also the images never scored)"
+        )
+        self.infer = infer
+        self.weights = dict(weights)
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
+        models = [request["model"]] if request.get("model") else list(self.weights)
+        unknown = [m for m in models if m not in self.weights]
+        if unknown:
+            raise ValueError(f"scoring 'uncertainty': no model {unknown}; this server serves {sorted(self.weights)}")
+        everything = str(request.get("all", False)).lower() in ("true", "1", "yes")
+        result: dict[str, Any] = {}
+        for model in models:
+            trained = os.path.getmtime(self.weights[model])
+            refreshed = []
+            for image in datastore.get_unlabeled_images():
+                entry = (datastore.get_image_info(image) or {}).get(SCORE_KEY, {}).get(model)
+                if entry is None and not everything:
+                    continue
+                if entry is not None and float(entry.get("ts", 0)) >= trained:
+                    continue
+                generations = (entry or {}).get("num_generations")
+                self.infer(
+                    {"model": model, "image": image, **({"num_generations": generations} if generations else {})},
+                    datastore,
+                )
+                refreshed.append(image)
+            logger.info(f"uncertainty scores of {model}: {len(refreshed)} images scored again")
+            result[model] = refreshed
+        return result
