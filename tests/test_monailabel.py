@@ -415,20 +415,24 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def test_info_lists_both_models_with_their_dimensions(server):
+def test_info_lists_every_model_with_its_dimension(server):
     status, _, body = _request(f"{server['url']}/info/")
     assert status == 200
     info = json.loads(body)
     models = info["models"]
-    assert set(models) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d", "cxr_unet"}
+    trained = {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d", "cxr_unet"}
+    matrix = {f"x_{d}_{m}": d for d, m in MATRIX}
+    assert set(models) == trained | set(matrix)
+    assert all(models[name]["dimension"] == (3 if d == "hippocampus" else 2) for name, d in matrix.items())
     assert models["cxr_unet"]["dimension"] == 2 and models["cxr_unet"]["labels"] == {"lung": 1}
     assert models["monuseg_cdal"]["dimension"] == 2 and models["monuseg_cdal"]["labels"] == {"nucleus": 1}
     assert models["hippocampus_cdal"]["dimension"] == 3
     assert models["hippocampus_cdal"]["labels"] == {"anterior": 1, "posterior": 2}
     assert models["monuseg_cdal"]["config"]["num_generations"] == 5  # the few-step cDAL default ensemble
     assert models["hippocampus_cdal_3d"]["dimension"] == 3
-    assert set(info["trainers"]) == {"monuseg_cdal", "hippocampus_cdal", "hippocampus_cdal_3d", "cxr_unet"}
+    assert set(info["trainers"]) == trained | set(matrix)
     assert set(info["strategies"]) == {"uncertain", "random", "first"}
+    assert set(info["scoring"]) == {"uncertainty"}
 
 
 def test_tile_inference_returns_a_binary_label_and_stores_the_uncertainty(server, tmp_path):
