@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import uncertainty_ranking  # noqa: E402
 
 from bundle.data.hippocampus import build_hippocampus_datalist  # noqa: E402
+from bundle.files import write_text_atomic  # noqa: E402
 
 TRAIN_CONFIGS = [
     "configs/train.yaml",
@@ -57,12 +58,12 @@ STRATEGIES = ("uncertain", "random")
 
 def _write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def train(run_dir: Path, labelled: list[dict], validation: list[dict], args, iterations: int, init: Path | None):
+def train(
+    run_dir: Path, labelled: list[dict], validation: list[dict], args, seed: int, iterations: int, init: Path | None
+):
     """One training run of the CPU cDAL profile on exactly ``labelled`` (validated once, at the end)."""
     model = run_dir / "models" / "model.pt"
     if model.is_file():
@@ -78,7 +79,7 @@ def train(run_dir: Path, labelled: list[dict], validation: list[dict], args, ite
     command += ["--bundle_root", str(run_dir), "--dataset_dir", str(args.dataset_dir)]
     command += ["--datalist", f"$__import__('json').loads(open({str(datalist)!r}).read())"]
     command += ["--max_epochs", str(epochs), "--epoch_length", str(args.epoch_length), "--val_interval", str(epochs)]
-    command += ["--seed", str(args.seed_base + args.current_seed)]
+    command += ["--seed", str(args.seed_base + seed)]
     command += ["--tracking_uri", f"sqlite:///{run_dir / 'mlruns.db'}"]
     if init is not None:
         command += ["--init_weights", str(init)]
@@ -113,7 +114,6 @@ def run_seed(seed: int, datalist: dict, args) -> dict:
     result_path = out / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    args.current_seed = seed
     rng = np.random.default_rng(seed)
     candidates = datalist["training"]
     order = rng.permutation(len(candidates))
@@ -123,7 +123,7 @@ def run_seed(seed: int, datalist: dict, args) -> dict:
     held_out = held_out_volumes(datalist, args)
     print(f"seed {seed}: {len(initial)} labelled, pool {len(pool)}, held-out {len(held_out)}", flush=True)
 
-    model0 = train(out / "initial", initial, validation, args, args.initial_iterations, None)
+    model0 = train(out / "initial", initial, validation, args, seed, args.initial_iterations, None)
     pool_scores = infer(out / "initial" / "pool", model0, pool, "pool", args)
     held0 = infer(out / "initial" / "held_out", model0, held_out, "test", args)
     stems = [uncertainty_ranking.volume_file_stem(item["image"]) for item in pool]
@@ -148,7 +148,7 @@ def run_seed(seed: int, datalist: dict, args) -> dict:
             stems[i]: {"score": pool_scores[stems[i]]["score"], "dice_before": pool_scores[stems[i]]["dice"]}
             for i in picks[strategy]
         }
-        model = train(out / strategy, initial + chosen, validation, args, args.finetune_iterations, last)
+        model = train(out / strategy, initial + chosen, validation, args, seed, args.finetune_iterations, last)
         result["held_out"][strategy] = infer(out / strategy / "held_out", model, held_out, "test", args)
     result["mean_dice"] = {
         name: float(np.mean([v["dice"] for v in scores.values()])) for name, scores in result["held_out"].items()

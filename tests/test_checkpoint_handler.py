@@ -159,3 +159,23 @@ def test_init_weights_errors_name_the_file(tmp_path, problem):
     assert {"missing": "names no file", "not_a_checkpoint": "not a readable", "wrong_shapes": "generator"}[
         problem
     ] in str(err.value)
+
+
+def test_init_weights_without_an_average_starts_the_ema_at_the_loaded_weights(tmp_path):
+    """A checkpoint of a run without EMA, fine-tuned with EMA: the average starts at the loaded network, not at the
+    fresh initial weights (with decay 0.9999 it would stay near them for thousands of iterations)."""
+    from bundle.handlers.checkpoint import training_state
+    from bundle.handlers.ema import ExponentialMovingAverage
+
+    trained = torch.nn.Linear(3, 2)
+    torch.save({"networks": {"network": trained.state_dict()}}, tmp_path / "last.pt")
+    torch.manual_seed(4)
+    network, average = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema = ExponentialMovingAverage(network, average, decay=0.9999)
+    optimizers = {"network": torch.optim.SGD(network.parameters(), lr=0.0)}
+    state = training_state({"network": network}, optimizers, ema_network=average, ema=ema)
+    saver = AtomicCheckpointSaver(tmp_path / "run", state, average, init_weights=tmp_path / "last.pt")
+    assert not torch.equal(average.weight, trained.weight)
+    _train(saver, {"network": network}, optimizers, iterations=1)
+    torch.testing.assert_close(network.weight, trained.weight)
+    torch.testing.assert_close(average.weight, trained.weight)

@@ -134,8 +134,8 @@ class DiffusionSegmentationApp(MONAILabelApp):
         (``lib/activelearning.py``); this runs in the training task's own process."""
         result = super().train(request)
         model = request.get("model")
-        if model in self.models and self._scoring_methods:
-            self.scoring({"method": "uncertainty", "model": model})
+        if self._scoring_methods:  # the named model, or every model when the request trained them all
+            self.scoring({"method": "uncertainty", **({"model": model} if model else {})})
         return result
 
     def init_trainers(self):

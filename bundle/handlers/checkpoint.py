@@ -410,6 +410,9 @@ class AtomicCheckpointSaver:
                 module.load_state_dict(weights)
             except RuntimeError as err:
                 raise ValueError(f"{path}: does not fit this run's {name}: {err}") from err
+        ema = self.save_dict.get("ema")
+        if ema is not None and not any(name in ("ema_network", "model") for name, _, _ in targets):
+            ema.copy_weights()  # the file holds no average of its own: start it at the loaded weights
         logger.info(f"initial weights from {path}: {', '.join(sorted({n for n, _, _ in targets}))}")
 
     def _epoch_completed(self, engine: Engine) -> None:

@@ -96,6 +96,7 @@ class RefreshUncertaintyScores(ScoringMethod):
             raise ValueError(f"scoring 'uncertainty': no model {unknown}; this server serves {sorted(self.weights)}")
         everything = str(request.get("all", False)).lower() in ("true", "1", "yes")
         result: dict[str, Any] = {}
+        failed: dict[str, str] = {}
         for model in models:
             trained = os.path.getmtime(self.weights[model])
             refreshed = []
@@ -106,11 +107,18 @@ class RefreshUncertaintyScores(ScoringMethod):
                 if entry is not None and float(entry.get("ts", 0)) >= trained:
                     continue
                 generations = (entry or {}).get("num_generations")
-                self.infer(
-                    {"model": model, "image": image, **({"num_generations": generations} if generations else {})},
-                    datastore,
-                )
+                try:
+                    self.infer(
+                        {"model": model, "image": image, **({"num_generations": generations} if generations else {})},
+                        datastore,
+                    )
+                except Exception as err:  # noqa: BLE001 - reported; the other images are scored all the same
+                    logger.warning(f"uncertainty scores of {model}: image '{image}' not scored again: {err}")
+                    failed[image] = str(err)
+                    continue
                 refreshed.append(image)
             logger.info(f"uncertainty scores of {model}: {len(refreshed)} images scored again")
             result[model] = refreshed
+        if failed:
+            result["failed"] = failed
         return result
