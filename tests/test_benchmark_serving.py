@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from bundle.data.hippocampus import write_synthetic_hippocampus
+from bundle.data.synthetic import write_synthetic_monuseg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchmark_serving  # noqa: E402
@@ -13,9 +14,12 @@ import benchmark_serving  # noqa: E402
 def test_serving_benchmark_reports_flops_bound_and_equal_paths(tmp_path):
     msd = write_synthetic_hippocampus(tmp_path / "msd", num_cases=1, shape=(12, 16, 6), seed=1)
     volume = next((msd / "imagesTr").glob("*.nii.gz"))
+    tile = next((write_synthetic_monuseg(tmp_path / "monuseg", 1, 0, size=96) / "MoNuSegTrainingData").rglob("*.tif"))
     markdown = tmp_path / "benchmarks.md"
+    tiny_tile = ["image_size=64", "patch_size=32", "network_def#num_channels=8", "network_def#channel_mult=[1, 2]"]
     result = benchmark_serving.main(
         ["--volume", str(volume), "--num_generations", "1", "--threads", "1", "--rate_rows", "2", "4", "--paths", "baseline", "default",
+         "--tile", str(tile), "--tile_network", "cpu", "--tile_set", *tiny_tile,
          "--json", str(tmp_path / "serving.json"), "--markdown", str(markdown)]
     )  # fmt: skip
     f = result["flops"]
@@ -28,8 +32,37 @@ def test_serving_benchmark_reports_flops_bound_and_equal_paths(tmp_path):
     assert result["paths"]["baseline"]["channels_last"] is False and result["paths"]["default"]["channels_last"]
     assert result["max_mean_difference"] < 1e-4  # same noise: the layout changes nothing but sums' order
     assert result["lower_bound_seconds"] == f["total_gflops"] / result["rate"]["best_gflops"]
+    b = result["breakdown"]  # a generator call's time by kind of operator at the served batch (8 windows x N = 1)
+    assert b["rows"] == 8 and abs(sum(b["share"].values()) - 1) < 1e-9
+    assert {"convolution", "normalisation", "element-wise and other"} <= set(b["share"])
+    assert 0 < b["share"]["convolution"] <= b["flop_kinds_share"] < 1
+    assert result["strict_lower_bound_seconds"] == result["lower_bound_seconds"] * b["flop_kinds_share"]
     assert all(p["seconds"] > 0 and p["peak_rss_mib"] > 100 for p in result["paths"].values())
     assert json.loads((tmp_path / "serving.json").read_text())["flops"] == f
+    # the tile at the paper protocol (resized to image_size, non-overlapping windows), fp32 forced and amp auto
+    fp32, auto = result["tile"]
+    assert (fp32["amp"], fp32["precision"], auto["amp"]) == ("false", "float32", "auto")
+    assert auto["precision"] in ("float32", "bfloat16")  # what this machine's hardware gives
+    assert fp32["input_shape"] == [64, 64] and fp32["windows"] == 4 and fp32["steps"] == 4
+    assert fp32["gflops"] == auto["gflops"] > 0 and all(t["seconds"] > 0 for t in (fp32, auto))
     text = markdown.read_text()
-    assert "## Serving one Hippocampus volume, paper protocol" in text
-    assert text.count("\n| ") == 4  # header, rule, 2 paths
+    assert "## Serving one Hippocampus volume, paper protocol" in text and "Stricter bound" in text
+    assert text.count("\n| ") == 4 + 4  # header, rule, 2 paths; header, rule, 2 tile rows
+    assert "| auto | " in text and "| false | float32 |" in text
+
+
+def test_operators_are_sorted_into_the_kinds_the_bound_counts():
+    kinds = {op: benchmark_serving._category(op) for op in (
+        "aten::mkldnn_convolution", "aten::_convolution", "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::addmm", "aten::native_group_norm", "aten::silu", "aten::add", "aten::cat")}  # fmt: skip
+    assert kinds == {
+        "aten::mkldnn_convolution": "convolution",
+        "aten::_convolution": "convolution",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "aten::addmm": "dense",
+        "aten::native_group_norm": "normalisation",
+        "aten::silu": "element-wise and other",
+        "aten::add": "element-wise and other",
+        "aten::cat": "element-wise and other",
+    }
+    assert set(benchmark_serving.FLOP_KINDS) == {"convolution", "dense", "attention"}

@@ -54,3 +54,33 @@ def test_a_finished_run_extended_by_a_resume_is_a_linked_run_with_its_changes_ta
     state = torch.load(root / "models" / "checkpoints" / "last.pt", weights_only=True)
     schedules = state["lr_schedulers"]
     assert schedules and all(s["T_max"] == 2 for s in schedules.values()), schedules
+
+
+def test_a_new_sqlite_store_starts_as_a_copy_of_the_migrated_template(tmp_path, monkeypatch):
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from bundle.handlers.tracking import TEMPLATES_ENV, make_sqlite_template, seed_sqlite_store
+
+    templates = tmp_path / "templates"
+    template = make_sqlite_template(str(templates))
+    monkeypatch.setenv(TEMPLATES_ENV, str(templates))
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "run" / "mlruns.db"
+    assert seed_sqlite_store(f"sqlite:///{store}") and store.read_bytes()[:16] == b"SQLite format 3\x00"
+    assert not list(store.parent.glob("*.partial"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")  # MLflow opens it as its own, nothing to migrate
+    run = client.create_run(client.create_experiment("x")).info.run_id
+    client.log_metric(run, "dice", 0.5)
+    assert client.get_run(run).data.metrics == {"dice": 0.5}
+    with sqlite3.connect(store) as db:  # the Default experiment's artifacts where MLflow itself would put them
+        location = db.execute("select artifact_location from experiments where experiment_id = 0").fetchone()[0]
+    assert location == str(tmp_path / "mlruns" / "0")
+    before = store.read_bytes()
+    assert not seed_sqlite_store(f"sqlite:///{store}") and store.read_bytes() == before  # never over a store
+    assert not seed_sqlite_store(f"file://{tmp_path / 'mlruns'}") and not (tmp_path / "mlruns").exists()
+    Path(template).rename(templates / "mlflow-0.0.0.db")  # another MLflow version's template is not used
+    assert not seed_sqlite_store(f"sqlite:///{tmp_path / 'other.db'}") and not (tmp_path / "other.db").exists()
+    monkeypatch.delenv(TEMPLATES_ENV)
+    assert not seed_sqlite_store(f"sqlite:///{tmp_path / 'other.db'}")

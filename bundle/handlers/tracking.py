@@ -8,11 +8,19 @@ metrics continuing at the checkpoint's epoch and iteration) instead of opening a
 - ``ResumableMLFlowHandler`` logs only the parameters the run does not hold yet, and records a value changed
   against the resumed (or the finished, linked) run, such as another ``max_epochs``, as the tag
   ``changed_on_resume`` rather than failing: MLflow refuses to overwrite a parameter.
+- A new SQLite store costs MLflow's schema migrations, about 3 s of a fresh process. Where the environment
+  variable ``BUNDLE_MLFLOW_TEMPLATES`` names a folder holding ``mlflow-<version>.db`` (an empty store that this
+  MLflow version migrated, e.g. made once by ``make_sqlite_template``), a store that does not exist yet starts as a
+  copy of it; its ``Default`` experiment gets the artifact location MLflow would have given it. Never over an
+  existing file; another MLflow version, or no such file, creates the store as usual. The test suite sets it for its
+  hundred-odd short runs.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 from typing import Any
 
 from monai.handlers import MLFlowHandler
@@ -20,9 +28,65 @@ from monai.handlers import MLFlowHandler
 from bundle.files import write_text_atomic
 from bundle.runtime import process_rank
 
-__all__ = ["RUN_NAME_FILE", "ResumableMLFlowHandler", "tracking_run_name"]
+__all__ = [
+    "RUN_NAME_FILE",
+    "ResumableMLFlowHandler",
+    "TEMPLATES_ENV",
+    "make_sqlite_template",
+    "seed_sqlite_store",
+    "tracking_run_name",
+]
 
 RUN_NAME_FILE = "run_name.txt"
+TEMPLATES_ENV = "BUNDLE_MLFLOW_TEMPLATES"
+_SQLITE = "sqlite:///"
+
+
+def _template_name() -> str:
+    import mlflow
+
+    return f"mlflow-{mlflow.__version__}.db"
+
+
+def make_sqlite_template(folder: str) -> str:
+    """An empty SQLite store migrated by this MLflow version, ``<folder>/mlflow-<version>.db`` (made if missing)."""
+    from mlflow.tracking import MlflowClient
+
+    path = os.path.join(folder, _template_name())
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        partial = os.path.join(folder, f".partial-{os.getpid()}.db")
+        MlflowClient(tracking_uri=_SQLITE + os.path.abspath(partial)).search_experiments()
+        os.replace(partial, path)
+    return path
+
+
+def seed_sqlite_store(tracking_uri: str | None) -> bool:
+    """Start the SQLite store of ``tracking_uri`` as a copy of this MLflow version's template (module docstring):
+    only where ``BUNDLE_MLFLOW_TEMPLATES`` holds one and the store's file does not exist. True if it was seeded."""
+    folder = os.environ.get(TEMPLATES_ENV)
+    if not folder or not tracking_uri or not str(tracking_uri).startswith(_SQLITE):
+        return False
+    path = str(tracking_uri)[len(_SQLITE) :].split("?", 1)[0]
+    template = os.path.join(folder, _template_name())
+    if not path or os.path.exists(path) or not os.path.isfile(template):
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial"
+    shutil.copyfile(template, partial)
+    try:
+        with sqlite3.connect(partial) as db:  # where MLflow puts the Default experiment's artifacts: ./mlruns/0
+            db.execute(
+                "update experiments set artifact_location = ? where experiment_id = 0",
+                (os.path.abspath(os.path.join("mlruns", "0")),),
+            )
+        db.close()
+        os.link(partial, path)  # never over a store that appeared meanwhile (another rank, another process)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(partial)
+    return True
 
 
 def tracking_run_name(ckpt_dir: str, resume: bool, fresh_name: str) -> str:
@@ -43,6 +107,10 @@ def tracking_run_name(ckpt_dir: str, resume: bool, fresh_name: str) -> str:
 
 class ResumableMLFlowHandler(MLFlowHandler):
     """MONAI's ``MLFlowHandler`` that can log into a run it resumes (module docstring)."""
+
+    def __init__(self, tracking_uri: str | None = None, *args: Any, **kwargs: Any) -> None:
+        seed_sqlite_store(tracking_uri)
+        super().__init__(tracking_uri, *args, **kwargs)
 
     def start(self, engine: Any) -> None:
         finished_before = None
