@@ -15,10 +15,15 @@ Beside the times it reports the FLOPs the protocol performs (the encoder once pe
 row and step; counted with ``FlopCounterMode`` on a meta-device copy, no arithmetic), the generator's best
 achieved FLOP/s over batch sizes (the same layer shapes, channels-last, measured here), the lower bound that gives
 (FLOPs / that rate) and each path's distance to it, the largest difference between the two paths' ensemble means
-(the same noise: it must be ~1e-5) and the peak RSS. JSON to ``--json``; a dated Markdown section with the machine
-is appended to docs/benchmarks.md unless ``--no_markdown``.
+(the same noise: it must be ~1e-5) and the peak RSS; where one generator call's time goes by kind of operator
+(torch profiler) and the stricter bound of the FLOP-counted operators alone. Then one MoNuSeg tile (``--tile``) at
+its paper protocol (resized to 512 x 512, four 256 x 256 windows, N, T = 4) with the paper-size cDAL network
+(``--tile_network paper``; ``cpu``: the bundle's default network; ``none``: skipped), fp32 forced and ``amp: auto``,
+each in a fresh process: what ``auto`` gains where the hardware has native bf16 (and that it costs nothing where it
+does not). JSON to ``--json``; a dated Markdown section with the machine is appended to docs/benchmarks.md unless
+``--no_markdown``.
 
-    OMP_NUM_THREADS=1 python scripts/benchmark_serving.py            # ~4 minutes on one core
+    OMP_NUM_THREADS=1 python scripts/benchmark_serving.py            # ~11 minutes on one core (the tile: 7)
 """
 
 from __future__ import annotations
