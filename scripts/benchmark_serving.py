@@ -167,7 +167,7 @@ def run_tile(
                 "network": network,
                 "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
                 "amp": precision,
-                "precision": precision_name(precision, "cpu"),
+                "precision": precision_name(precision, image.device),
                 "input_shape": list(image.shape[2:]),
                 "windows": windows,
                 "steps": steps,
