@@ -63,9 +63,10 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_configure(config):
-    """One empty MLflow store per worker, migrated once by this MLflow version: the suite's runs (in this process
-    and in the processes it starts, which inherit the variable) start their SQLite stores as copies of it instead
-    of running MLflow's migrations again, about 3 s each (bundle/handlers/tracking.py). Real stores either way."""
+    """One empty MLflow store per test session, migrated once by this MLflow version (made by the first pytest
+    process; the xdist workers and every process a test starts inherit the variable): the suite's runs start their
+    SQLite stores as copies of it instead of running MLflow's migrations again, about 3 s each
+    (bundle/handlers/tracking.py). Real stores either way."""
     import tempfile
 
     from bundle.handlers.tracking import TEMPLATES_ENV, make_sqlite_template

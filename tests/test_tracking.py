@@ -80,6 +80,8 @@ def test_a_new_sqlite_store_starts_as_a_copy_of_the_migrated_template(tmp_path, 
     before = store.read_bytes()
     assert not seed_sqlite_store(f"sqlite:///{store}") and store.read_bytes() == before  # never over a store
     assert not seed_sqlite_store(f"file://{tmp_path / 'mlruns'}") and not (tmp_path / "mlruns").exists()
+    (tmp_path / "a_file").write_text("")  # a store that cannot be made there: left to MLflow to report
+    assert not seed_sqlite_store(f"sqlite:///{tmp_path / 'a_file' / 'mlruns.db'}")
     Path(template).rename(templates / "mlflow-0.0.0.db")  # another MLflow version's template is not used
     assert not seed_sqlite_store(f"sqlite:///{tmp_path / 'other.db'}") and not (tmp_path / "other.db").exists()
     monkeypatch.delenv(TEMPLATES_ENV)

@@ -71,10 +71,10 @@ def seed_sqlite_store(tracking_uri: str | None) -> bool:
     template = os.path.join(folder, _template_name())
     if not path or os.path.exists(path) or not os.path.isfile(template):
         return False
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = f"{path}.{os.getpid()}.partial"
-    shutil.copyfile(template, partial)
-    try:
+    try:  # best effort: where the copy cannot be made (say, a folder without write access) MLflow reports it itself
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        shutil.copyfile(template, partial)
         with sqlite3.connect(partial) as db:  # where MLflow puts the Default experiment's artifacts: ./mlruns/0
             db.execute(
                 "update experiments set artifact_location = ? where experiment_id = 0",
@@ -82,10 +82,11 @@ def seed_sqlite_store(tracking_uri: str | None) -> bool:
             )
         db.close()
         os.link(partial, path)  # never over a store that appeared meanwhile (another rank, another process)
-    except FileExistsError:
+    except (OSError, sqlite3.Error):
         return False
     finally:
-        os.unlink(partial)
+        if os.path.exists(partial):
+            os.unlink(partial)
     return True
 
 
