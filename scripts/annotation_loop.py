@@ -57,8 +57,7 @@ STRATEGIES = ("uncertain", "random")
 
 
 def _write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")  # creates the folder
 
 
 def train(

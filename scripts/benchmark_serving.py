@@ -8,7 +8,7 @@ through ``EnsembleInferer``, once per path, each path in a fresh process (so tha
 - ``baseline``: the path before the change, 64 windows (320 rows) per network batch, NCHW inputs;
 - ``default``: what ``configs/inference.yaml`` serves now (``window_batch_size`` from the overlay's
   ``slice_batch_size``, channels-last inputs: ``inference_channels_last``);
-- ``whole_slices``: the fast protocol (``--whole_slices true``): each slice whole, padded to a multiple of 4, no
+- ``whole_slices``: the fast protocol (``--whole_slices true``): each slice whole, padded to the inferer's multiple, no
   overlapping windows (its Dice against the paper protocol: ``--dice``).
 
 Beside the times it reports the FLOPs the protocol performs (the encoder once per window, the generator once per
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -51,6 +52,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark import machine_description, measure_matmul_peak  # noqa: E402
+
+from bundle.inferers.ensemble import network_size_divisor  # noqa: E402
 
 DEFAULT_VOLUME = REPO.parent / "shared" / "data" / "hippocampus" / "Task04_Hippocampus" / "imagesTr"
 CONFIGS = [str(REPO / "configs" / "inference.yaml"), str(REPO / "configs" / "datasets" / "hippocampus.yaml")]
@@ -120,6 +123,35 @@ def run_path(name: str, volume: str, num_generations: int, threads: int, queue) 
     )
 
 
+def _window_count(plane: list[int], roi: list[int], overlap: float) -> int:
+    """Sliding windows of ``roi`` over ``plane`` (padded up to the window) at ``overlap``, as MONAI places them."""
+    plane = [max(s, r) for s, r in zip(plane, roi)]
+    return len(dense_patch_slices(plane, roi, _get_scan_interval(plane, roi, len(roi), (overlap,) * len(roi))))
+
+
+def _call_flops(meta: torch.nn.Module, image_channels: int, label_channels: int, shape: list[int]) -> tuple:
+    """(FLOPs of the encoder on one ``shape`` window, FLOPs of one generator call on one row); ``meta`` is a
+    meta-device copy of the network, so nothing is computed."""
+    with FlopCounterMode(display=False) as counter:
+        features = meta.encode_image(torch.empty(1, image_channels, *shape, device="meta"))
+    encoder = float(counter.get_total_flops())
+    x_t = torch.empty(1, label_channels, *shape, device="meta")
+    t, z = torch.zeros(1, dtype=torch.long, device="meta"), torch.empty(1, meta.nz, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(x_t, t, z, image_features=features)
+    return encoder, float(counter.get_total_flops())
+
+
+def _generator_inputs(parser: ConfigParser, network: torch.nn.Module, image: torch.Tensor, rows: int) -> tuple:
+    """Random channels-last inputs of one generator call on ``rows`` rows of the protocol's window:
+    (x_t, t, z, image_features)."""
+    roi = [int(s) for s in parser.get_parsed_content("roi_size")]
+    channels = int(parser.get_parsed_content("label_channels"))
+    window = torch.randn(rows, image.shape[1], *roi).contiguous(memory_format=torch.channels_last)
+    x_t = torch.randn(rows, channels, *roi).contiguous(memory_format=torch.channels_last)
+    return x_t, torch.ones(rows, dtype=torch.long), torch.randn(rows, network.nz), network.encode_image(window)
+
+
 def run_tile(
     network: str, precision: str, tile: str, num_generations: int, threads: int, overrides: dict, queue
 ) -> None:
@@ -145,22 +177,10 @@ def run_tile(
             start = time.perf_counter()
             inferer(image, model)
             seconds = time.perf_counter() - start
-        meta = copy.deepcopy(model).to("meta")
         roi = [int(v) for v in parser.get_parsed_content("roi_size")]
-        overlap = float(parser.get_parsed_content("window_overlap"))
-        shape = [max(s, r) for s, r in zip(image.shape[2:], roi)]
-        windows = len(dense_patch_slices(shape, roi, _get_scan_interval(shape, roi, 2, (overlap, overlap))))
-        with FlopCounterMode(display=False) as counter:
-            features = meta.encode_image(torch.empty(1, image.shape[1], *roi, device="meta"))
-        encoder = float(counter.get_total_flops())
-        with FlopCounterMode(display=False) as counter:
-            meta(
-                torch.empty(1, int(parser["label_channels"]), *roi, device="meta"),
-                torch.zeros(1, dtype=torch.long, device="meta"),
-                torch.empty(1, meta.nz, device="meta"),
-                image_features=features,
-            )
-        step = float(counter.get_total_flops())
+        windows = _window_count(list(image.shape[2:]), roi, float(parser.get_parsed_content("window_overlap")))
+        meta = copy.deepcopy(model).to("meta")
+        encoder, step = _call_flops(meta, image.shape[1], int(parser["label_channels"]), roi)
         steps = int(parser.get_parsed_content("num_timesteps"))
         queue.put(
             {
@@ -196,30 +216,18 @@ def protocol_flops(parser: ConfigParser, network: torch.nn.Module, image: torch.
     overlap = float(parser.get_parsed_content("window_overlap"))
     spatial = list(image.shape[2:])
     slices = spatial.pop(axis)
-    plane = [max(s, r) for s, r in zip(spatial, roi)]
-    per_slice = len(dense_patch_slices(plane, roi, _get_scan_interval(plane, roi, 2, (overlap, overlap))))
+    per_slice = _window_count(spatial, roi, overlap)
     windows = per_slice * slices
     generations = int(parser["num_generations"])
     steps = int(parser.get_parsed_content("num_timesteps"))
     meta = copy.deepcopy(network).to("meta")
-    window = torch.empty(1, image.shape[1], *roi, device="meta")
-    x_t = torch.empty(1, int(parser.get_parsed_content("label_channels")), *roi, device="meta")
-    t = torch.zeros(1, dtype=torch.long, device="meta")
-    z = torch.empty(1, meta.nz, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        features = meta.encode_image(window)
-    encoder = float(counter.get_total_flops())
-    with FlopCounterMode(display=False) as counter:
-        meta(x_t, t, z, image_features=features)
-    step = float(counter.get_total_flops())
+    channels = (image.shape[1], int(parser.get_parsed_content("label_channels")))
+    encoder, step = _call_flops(meta, *channels, roi)
     total = windows * encoder + windows * generations * steps * step
-    whole = [-(-s // 4) * 4 for s in spatial]  # the fast protocol: one padded slice per window
-    with FlopCounterMode(display=False) as counter:
-        features = meta.encode_image(torch.empty(1, image.shape[1], *whole, device="meta"))
-    whole_encoder = float(counter.get_total_flops())
-    with FlopCounterMode(display=False) as counter:
-        meta(torch.empty(1, x_t.shape[1], *whole, device="meta"), t, z, image_features=features)
-    whole_step = float(counter.get_total_flops())
+    # the fast protocol: one slice per window, padded as the inferer pads it
+    divisor = math.lcm(parser.get_parsed_content("inferer").size_divisor, network_size_divisor(network))
+    whole = [-(-s // divisor) * divisor for s in spatial]
+    whole_encoder, whole_step = _call_flops(meta, *channels, whole)
     return {
         "windows_per_slice": per_slice,
         "slices": slices,
@@ -244,15 +252,9 @@ def best_generator_rate(
 ) -> dict:
     """The generator's best GFLOP/s over batch sizes on this machine (channels-last inputs, the layer shapes of the
     protocol), and the batch that gives it."""
-    roi = [int(s) for s in parser.get_parsed_content("roi_size")]
     rates = {}
     for rows in batch_rows:
-        window = torch.randn(rows, image.shape[1], *roi).contiguous(memory_format=torch.channels_last)
-        channels = int(parser.get_parsed_content("label_channels"))
-        x_t = torch.randn(rows, channels, *roi).contiguous(memory_format=torch.channels_last)
-        t = torch.ones(rows, dtype=torch.long)
-        z = torch.randn(rows, network.nz)
-        features = network.encode_image(window)
+        x_t, t, z, features = _generator_inputs(parser, network, image, rows)
         network(x_t, t, z, image_features=features)  # warm-up
         best = float("inf")
         for _ in range(3):
@@ -291,12 +293,7 @@ def time_breakdown(
     residual sums and copies (no FLOPs in the count) cost nothing and the convolutions kept their measured speed."""
     from torch.profiler import ProfilerActivity, profile
 
-    roi = [int(s) for s in parser.get_parsed_content("roi_size")]
-    channels = int(parser.get_parsed_content("label_channels"))
-    window = torch.randn(rows, image.shape[1], *roi).contiguous(memory_format=torch.channels_last)
-    x_t = torch.randn(rows, channels, *roi).contiguous(memory_format=torch.channels_last)
-    t, z = torch.ones(rows, dtype=torch.long), torch.randn(rows, network.nz)
-    features = network.encode_image(window)
+    x_t, t, z, features = _generator_inputs(parser, network, image, rows)
     network(x_t, t, z, image_features=features)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
