@@ -1,4 +1,5 @@
-"""cDAL generator and discriminator: shapes, ranges, parameter count, caching, batch independence, gradients."""
+"""cDAL generator and discriminator: shapes, ranges, parameter count, caching, batch independence, gradients,
+the blocks' in-place arithmetic."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bundle.networks.blocks import AdaptiveGroupNorm, FIRDownsample, FIRUpsample
+from bundle.networks.blocks import AdaptiveGroupNorm, BigGANResBlock, FIRDownsample, FIRUpsample, SelfAttention2d
 from bundle.networks.cdal import CDALDiscriminator, CDALGenerator
 
 # small CPU profile (README quick start scale)
@@ -166,3 +167,57 @@ def test_discriminator_feature_taps_paper_layout() -> None:
     with torch.no_grad():
         hippo = small.get_features(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), torch.randn(2, 3, 32, 32))
     assert tuple(hippo[2].shape) == (2, 4 * ngf, 16, 16)  # METHODS.md 1.3: hs[2] is 16 x 16 for Hippocampus
+
+
+def _res_block_out_of_place(block: BigGANResBlock, x: torch.Tensor, temb: torch.Tensor, zemb: torch.Tensor):
+    """The residual block written out of place, as the paper's reference reads."""
+    h = F.silu(block.norm_0(x, zemb))
+    if block.resample is not None:
+        h, x = block.resample(h), block.resample(x)
+    h = block.conv_0(h) + block.temb_proj(F.silu(temb))[:, :, None, None]
+    h = block.conv_1(F.silu(block.norm_1(h, zemb)))
+    return ((x if block.skip is None else block.skip(x)) + h) / 2**0.5
+
+
+@pytest.mark.parametrize("resample", ["none", "down", "up", "channels"])
+def test_res_block_in_place_arithmetic_is_exact_and_leaves_inputs_alone(resample: str) -> None:
+    """The residual block sums and activates in place: its inputs are untouched, its gradients are the true ones
+    (finite differences, float64), and under bf16 autocast its output has the out-of-place dtype (a float32
+    residual stream stays float32)."""
+    torch.manual_seed(0)
+    block = BigGANResBlock(
+        8, 12 if resample == "channels" else 8, temb_dim=6, zemb_dim=5, up=resample == "up", down=resample == "down"
+    )
+    randomize_zero_init(block).double()
+    shapes = [(2, 8, 8, 8), (2, 6), (2, 5)]
+    x, temb, zemb = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes)
+    copies = [v.detach().clone() for v in (x, temb, zemb)]
+    with torch.no_grad():
+        out = block(x, temb, zemb)
+    for value, copy in zip((x, temb, zemb), copies):
+        assert torch.equal(value, copy)
+    torch.testing.assert_close(out, _res_block_out_of_place(block, x, temb, zemb), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(block, (x, temb, zemb), eps=1e-6, atol=1e-6)
+
+    block.float()
+    inputs = [v.detach().float() for v in (x, temb, zemb)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = block(*inputs), _res_block_out_of_place(block, *inputs)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+def test_attention_in_place_residual_is_exact() -> None:
+    torch.manual_seed(0)
+    attention = randomize_zero_init(SelfAttention2d(8)).double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    copy = x.detach().clone()
+    out = attention(x)
+    assert torch.equal(x.detach(), copy)
+    assert torch.autograd.gradcheck(attention, (x,), eps=1e-6, atol=1e-6)
+    batch, channels = x.shape[:2]
+    qkv = attention.qkv(attention.norm(x)).reshape(batch, 3, channels, -1)
+    q, k, v = qkv.unbind(dim=1)
+    weights = torch.softmax(q.transpose(1, 2) @ k / channels**0.5, dim=-1)
+    h = (v @ weights.transpose(1, 2)).reshape_as(x)
+    torch.testing.assert_close(out, (x + attention.proj_out(h)) / 2**0.5)

@@ -257,7 +257,7 @@ class CDALGenerator(nn.Module):
             if i < len(self.upsamplers):
                 h = self.upsamplers[i](h, temb, zemb)
 
-        return torch.tanh(self.head_conv(F.silu(self.head_norm(h))))
+        return torch.tanh(self.head_conv(F.silu(self.head_norm(h), inplace=True)))
 
 
 class CDALDiscriminator(nn.Module):
