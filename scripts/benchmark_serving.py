@@ -5,7 +5,8 @@ The shipped cDAL model (``configs/inference.yaml`` + ``configs/datasets/hippocam
 segments a real MSD volume with the paper's protocol (axial 32 x 32 windows with overlap 0.75, N = 5 generations)
 through ``EnsembleInferer``, once per path, each path in a fresh process (so that its peak RSS is its own):
 
-- ``baseline``: the path before the change, 64 windows (320 rows) per network batch, NCHW inputs;
+- ``baseline``: the path before the change, 64 windows (320 rows) per network batch, NCHW inputs, the cDAL
+  blocks' arithmetic out of place (``bundle.networks.blocks.out_of_place_arithmetic``);
 - ``default``: what ``configs/inference.yaml`` serves now (``window_batch_size`` from the overlay's
   ``slice_batch_size``, channels-last inputs: ``inference_channels_last``);
 - ``whole_slices``: the fast protocol (``--whole_slices true``): each slice whole, padded to the inferer's multiple, no
@@ -29,6 +30,7 @@ does not). JSON to ``--json``; a dated Markdown section with the machine is appe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -54,6 +56,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchmark import machine_description, measure_matmul_peak  # noqa: E402
 
 from bundle.inferers.ensemble import network_size_divisor  # noqa: E402
+from bundle.networks.blocks import out_of_place_arithmetic  # noqa: E402
 
 DEFAULT_VOLUME = REPO.parent / "shared" / "data" / "hippocampus" / "Task04_Hippocampus" / "imagesTr"
 CONFIGS = [str(REPO / "configs" / "inference.yaml"), str(REPO / "configs" / "datasets" / "hippocampus.yaml")]
@@ -108,8 +111,9 @@ def run_path(name: str, volume: str, num_generations: int, threads: int, queue) 
         if name == "baseline":
             inferer.sw_batch_size, inferer.channels_last = BASELINE_WINDOWS, False
         inferer.whole_slices = name == "whole_slices"
+        arithmetic = out_of_place_arithmetic() if name == "baseline" else contextlib.nullcontext()
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), arithmetic:
             out = inferer(image, network)
         seconds = time.perf_counter() - start
     queue.put(

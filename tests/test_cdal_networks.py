@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bundle.networks import blocks
 from bundle.networks.blocks import AdaptiveGroupNorm, BigGANResBlock, FIRDownsample, FIRUpsample, SelfAttention2d
 from bundle.networks.cdal import CDALDiscriminator, CDALGenerator
 
@@ -197,6 +198,9 @@ def test_res_block_in_place_arithmetic_is_exact_and_leaves_inputs_alone(resample
     for value, copy in zip((x, temb, zemb), copies):
         assert torch.equal(value, copy)
     torch.testing.assert_close(out, _res_block_out_of_place(block, x, temb, zemb), rtol=1e-12, atol=1e-12)
+    with torch.no_grad(), blocks.out_of_place_arithmetic():  # the benchmark's baseline arithmetic
+        torch.testing.assert_close(block(x, temb, zemb), out, rtol=1e-12, atol=1e-12)
+    assert blocks._IN_PLACE[0]
     assert torch.autograd.gradcheck(block, (x, temb, zemb), eps=1e-6, atol=1e-6)
 
     block.float()

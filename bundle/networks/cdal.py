@@ -14,7 +14,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bundle.networks.blocks import (
@@ -25,6 +24,7 @@ from bundle.networks.blocks import (
     PlainResBlock,
     SelfAttention2d,
     TimestepEmbedding,
+    _silu,
     conv_nd,
     conv_type,
     default_num_groups,
@@ -257,7 +257,7 @@ class CDALGenerator(nn.Module):
             if i < len(self.upsamplers):
                 h = self.upsamplers[i](h, temb, zemb)
 
-        return torch.tanh(self.head_conv(F.silu(self.head_norm(h), inplace=True)))
+        return torch.tanh(self.head_conv(_silu(self.head_norm(h))))
 
 
 class CDALDiscriminator(nn.Module):
