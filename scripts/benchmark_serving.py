@@ -16,7 +16,8 @@ Beside the times it reports the FLOPs the protocol performs (the encoder once pe
 row and step; counted with ``FlopCounterMode`` on a meta-device copy, no arithmetic), the generator's best
 achieved FLOP/s over batch sizes (the same layer shapes, channels-last, measured here), the lower bound that gives
 (FLOPs / that rate) and each path's distance to it, the largest difference between the two paths' ensemble means
-(the same noise: it must be ~1e-5) and the peak RSS; where one generator call's time goes by kind of operator
+(the same noise: it must be ~1e-5) and the peak RSS (``--repeats K``: each path K times, interleaved, medians and
+ranges: the machine's speed drifts); where one generator call's time goes by kind of operator
 (torch profiler) and the stricter bound of the FLOP-counted operators alone. Then one MoNuSeg tile (``--tile``) at
 its paper protocol (resized to 512 x 512, four 256 x 256 windows, N, T = 4) with the paper-size cDAL network
 (``--tile_network paper``; ``cpu``: the bundle's default network; ``none``: skipped), fp32 forced and ``amp: auto``,
@@ -351,15 +352,25 @@ def markdown_section(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     base = result["paths"]["baseline"]["seconds"]
+    repeats = len(result["paths"]["baseline"].get("seconds_runs", [0]))
     for name, p in result["paths"].items():
         bound = result["lower_bound_seconds"] if name != "whole_slices" else result["whole_slices_lower_bound_seconds"]
         strict = bound * (b["flop_kinds_share"] if b else float("nan"))
+        runs, ratios = p.get("seconds_runs", [p["seconds"]]), p.get("speed_up_runs", [base / p["seconds"]])
+        spread = f" ({min(runs):.1f}-{max(runs):.1f})" if repeats > 1 else ""
+        ratio_spread = f" ({min(ratios):.2f}-{max(ratios):.2f}x)" if repeats > 1 else ""
         lines.append(
             f"| {name} | {p['windows_per_batch']} ({p['windows_per_batch'] * result['num_generations']}) | "
-            f"{'yes' if p['channels_last'] else 'no'} | {p['seconds']:.1f} | "
-            f"{p['seconds'] / bound:.2f} | {p['seconds'] / strict:.2f} | {base / p['seconds']:.2f}x | "
+            f"{'yes' if p['channels_last'] else 'no'} | {p['seconds']:.1f}{spread} | "
+            f"{p['seconds'] / bound:.2f} | {p['seconds'] / strict:.2f} | {base / p['seconds']:.2f}x{ratio_spread} | "
             f"{p['peak_rss_mib']:.0f} |"
         )
+    if repeats > 1:
+        lines += [
+            "",
+            f"Each path ran {repeats} times, the paths interleaved (each in a fresh process); seconds are the median "
+            "(range); the speed-up is the ratio of the medians (range: the ratio within each repeat).",
+        ]
     lines += [
         "",
         f"Largest difference between the baseline's and the default's ensemble means: "
@@ -387,12 +398,29 @@ def markdown_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summarise_runs(runs: list[dict]) -> dict:
+    """One path's repeats: the median seconds (and every run's), the largest peak RSS."""
+    seconds = sorted(run["seconds"] for run in runs)
+    middle = len(seconds) // 2
+    median = seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
+    return {
+        "seconds": median,
+        "seconds_runs": [run["seconds"] for run in runs],
+        "windows_per_batch": runs[0]["windows_per_batch"],
+        "channels_last": runs[0]["channels_last"],
+        "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--volume", type=Path, default=DEFAULT_VOLUME / "hippocampus_001.nii.gz")
     cli.add_argument("--num_generations", type=int, default=5)
     cli.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     cli.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="baseline must be first when given")
+    cli.add_argument(
+        "--repeats", type=int, default=1, help="runs of each path, interleaved (the table gives the medians)"
+    )
     cli.add_argument("--rate_rows", type=int, nargs="+", default=[10, 20, 40, 80, 160, 320], help="batch rows tried")
     cli.add_argument("--tile", type=Path, default=DEFAULT_TILE / "TCGA-B0-5698-01Z-00-DX1.tif", help="MoNuSeg tile")
     cli.add_argument(
@@ -405,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument("--markdown", type=Path, default=REPO / "docs" / "benchmarks.md")
     cli.add_argument("--no_markdown", action="store_true")
     args = cli.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if not args.volume.is_file():
         raise SystemExit(f"{args.volume}: no such volume (give --volume <a .nii.gz>)")
     torch.set_num_threads(args.threads)
@@ -435,12 +465,19 @@ def main(argv: list[str] | None = None) -> dict:
     }
     summary = ("shape", "flops", "rate", "lower_bound_seconds", "breakdown", "strict_lower_bound_seconds")
     print(json.dumps({k: result[k] for k in summary}, indent=1), flush=True)
-    means = {}
-    for name in args.paths:
-        out = _spawn(run_path, name, str(args.volume), args.num_generations, args.threads)
-        means[name] = torch.from_numpy(out.pop("mean"))
-        result["paths"][name] = out
-        print(name, out, flush=True)
+    means, runs = {}, {name: [] for name in args.paths}
+    for repeat in range(args.repeats):  # the paths interleaved, so that a drift of the machine's speed hits all
+        for name in args.paths:
+            out = _spawn(run_path, name, str(args.volume), args.num_generations, args.threads)
+            mean = torch.from_numpy(out.pop("mean"))
+            means.setdefault(name, mean)
+            runs[name].append(out)
+            print(f"repeat {repeat + 1}/{args.repeats}", name, out, flush=True)
+    result["paths"] = {name: summarise_runs(path_runs) for name, path_runs in runs.items()}
+    if "baseline" in runs:
+        base = [run["seconds"] for run in runs["baseline"]]
+        for name, summary in result["paths"].items():
+            summary["speed_up_runs"] = [b / run["seconds"] for b, run in zip(base, runs[name])]
     if args.tile_network != "none":
         if not args.tile.is_file():
             raise SystemExit(f"{args.tile}: no such tile (give --tile <a MoNuSeg .tif> or --tile_network none)")

@@ -19,7 +19,7 @@ def test_serving_benchmark_reports_flops_bound_and_equal_paths(tmp_path):
     tiny_tile = ["image_size=64", "patch_size=32", "network_def#num_channels=8", "network_def#channel_mult=[1, 2]"]
     result = benchmark_serving.main(
         ["--volume", str(volume), "--num_generations", "1", "--threads", "1", "--rate_rows", "2", "4", "--paths", "baseline", "default",
-         "--tile", str(tile), "--tile_network", "cpu", "--tile_set", *tiny_tile,
+         "--repeats", "2", "--tile", str(tile), "--tile_network", "cpu", "--tile_set", *tiny_tile,
          "--json", str(tmp_path / "serving.json"), "--markdown", str(markdown)]
     )  # fmt: skip
     f = result["flops"]
@@ -38,6 +38,14 @@ def test_serving_benchmark_reports_flops_bound_and_equal_paths(tmp_path):
     assert 0 < b["share"]["convolution"] <= b["flop_kinds_share"] < 1
     assert result["strict_lower_bound_seconds"] == result["lower_bound_seconds"] * b["flop_kinds_share"]
     assert all(p["seconds"] > 0 and p["peak_rss_mib"] > 100 for p in result["paths"].values())
+    for p in result["paths"].values():  # two interleaved runs each: the median of two is their mean
+        assert len(p["seconds_runs"]) == len(p["speed_up_runs"]) == 2
+        assert abs(p["seconds"] - sum(p["seconds_runs"]) / 2) < 1e-9
+    base = result["paths"]["baseline"]
+    assert base["speed_up_runs"] == [1.0, 1.0]
+    assert [b / d for b, d in zip(base["seconds_runs"], result["paths"]["default"]["seconds_runs"])] == result["paths"][
+        "default"
+    ]["speed_up_runs"]
     assert json.loads((tmp_path / "serving.json").read_text())["flops"] == f
     # the tile at the paper protocol (resized to image_size, non-overlapping windows), fp32 forced and amp auto
     fp32, auto = result["tile"]
@@ -49,6 +57,16 @@ def test_serving_benchmark_reports_flops_bound_and_equal_paths(tmp_path):
     assert "## Serving one Hippocampus volume, paper protocol" in text and "Stricter bound" in text
     assert text.count("\n| ") == 4 + 4  # header, rule, 2 paths; header, rule, 2 tile rows
     assert "| auto | " in text and "| false | float32 |" in text
+    assert "Each path ran 2 times, the paths interleaved" in text
+
+
+def test_repeats_are_summarised_by_their_median():
+    runs = [{"seconds": s, "windows_per_batch": 8, "channels_last": True, "peak_rss_mib": m} for s, m in
+            [(3.0, 700), (1.0, 750), (2.0, 720)]]  # fmt: skip
+    summary = benchmark_serving.summarise_runs(runs)
+    assert summary["seconds"] == 2.0 and summary["seconds_runs"] == [3.0, 1.0, 2.0] and summary["peak_rss_mib"] == 750
+    assert benchmark_serving.summarise_runs(runs[:2])["seconds"] == 2.0
+    assert benchmark_serving.summarise_runs(runs[1:])["seconds"] == 1.5
 
 
 def test_operators_are_sorted_into_the_kinds_the_bound_counts():
