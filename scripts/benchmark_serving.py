@@ -374,8 +374,9 @@ def markdown_section(result: dict) -> str:
     lines += [
         "",
         f"Largest difference between the baseline's and the default's ensemble means: "
-        f"{result['max_mean_difference']:.1e} (the same noise; NHWC changes only the order of the sums). The whole-"
-        "slice row's bound is its own FLOPs over the same rate; it computes other windows, so its output differs.",
+        f"{result['max_mean_difference']:.1e} (the same noise; NHWC and the in-place arithmetic change only the order "
+        "and rounding of the sums). The whole-slice row's bound is its own FLOPs over the same rate (measured on the "
+        "protocol's windows); it computes other windows, so its output differs.",
         "",
     ]
     tiles = result.get("tile")
