@@ -430,6 +430,12 @@ def test_info_lists_every_model_with_its_dimension(server):
     assert models["hippocampus_cdal"]["labels"] == {"anterior": 1, "posterior": 2}
     assert models["monuseg_cdal"]["config"]["num_generations"] == 5  # the few-step cDAL default ensemble
     assert models["hippocampus_cdal_3d"]["dimension"] == 3
+    # the fast protocol is an option of the slice-wise volume models only, with the bundle's value as default
+    assert models["hippocampus_cdal"]["config"]["whole_slices"] is False
+    assert models["x_hippocampus_segdiff"]["config"]["whole_slices"] is True  # exported with whole_slices true
+    assert "whole_slices" not in models["monuseg_cdal"]["config"]
+    assert "whole_slices" not in models["hippocampus_cdal_3d"]["config"]
+    assert "whole_slices" in models["hippocampus_cdal"]["description"]
     assert set(info["trainers"]) == trained | set(matrix)
     assert set(info["strategies"]) == {"uncertain", "random", "first"}
     assert set(info["scoring"]) == {"uncertainty"}
@@ -522,6 +528,7 @@ def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
     assert set(np.unique(label)) <= {0, 1, 2}
     params = json.loads(parts["params"])
     assert params["num_generations"] == 2  # as requested (the shipped model's default is 5)
+    assert params["whole_slices"] is False  # the paper protocol unless the request asks
     assert params["uncertainty"]["tag"] == "uncertainty" and params["uncertainty"]["max"] <= 0.5
     status, _, payload = _request(f"{server['url']}/datastore/label?label={VOLUME}&tag=uncertainty")
     assert status == 200
@@ -532,6 +539,42 @@ def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
     TIMINGS["volume_dice_posterior"] = round(_dice(label == 2, truth == 2), 4)
     if server["real"]:  # hippocampus_001 is in fold 0, which the shipped model never trained on
         assert min(TIMINGS["volume_dice_anterior"], TIMINGS["volume_dice_posterior"]) > 0.75, TIMINGS
+
+
+def test_whole_slices_per_request_is_the_fast_protocol(server, tmp_path):
+    import nibabel as nib
+
+    url = f"{server['url']}/infer/hippocampus_cdal?image={VOLUME}&output=all"
+    fields = {"params": json.dumps({"num_generations": 2, "whole_slices": True})}
+    status, headers, body = _timed("infer_volume_N2_whole_slices", lambda: _request(url, "POST", fields=fields))
+    assert status == 200, body[:500]
+    parts = _multipart(headers, body)
+    image, label = _read_nifti(parts["image"], tmp_path)
+    reference = nib.load(server["volume"])
+    assert label.shape == reference.shape and np.allclose(image.affine, reference.affine)
+    params = json.loads(parts["params"])
+    assert params["whole_slices"] is True and params["num_generations"] == 2
+    truth = np.asarray(nib.load(server["volume_label"]).dataobj)
+    dice = [_dice(label == c, truth == c) for c in (1, 2)]
+    TIMINGS["volume_whole_slices_dice"] = [round(d, 4) for d in dice]
+    if server["real"]:  # fold 0: never trained on
+        assert min(dice) > 0.75, dice
+    # a value that is not a switch, and the switch where it does not apply: 422 naming it; then the next works
+    for model, image, value, words in [
+        ("hippocampus_cdal", VOLUME, "maybe", ["whole_slices must be true or false", "maybe"]),
+        ("hippocampus_cdal_3d", VOLUME, True, ["whole_slices applies to volumes inferred slice by slice", "3-D"]),
+        ("monuseg_cdal", TILE, "true", ["whole_slices", "monuseg_cdal", "2-D images"]),
+    ]:
+        fields = {"params": json.dumps({"num_generations": 1, "whole_slices": value})}
+        code, _, body = _request(f"{server['url']}/infer/{model}?image={image}&output=json", "POST", fields=fields)
+        assert code == 422, (model, body[:300])
+        detail = json.loads(body)["detail"]
+        assert all(w in detail for w in words), detail
+    fields = {"params": json.dumps({"num_generations": 1, "whole_slices": "false"})}
+    code, _, body = _request(
+        f"{server['url']}/infer/hippocampus_cdal?image={VOLUME}&output=json", "POST", fields=fields
+    )
+    assert code == 200 and json.loads(body)["whole_slices"] is False
 
 
 def test_the_3d_model_returns_labels_in_the_input_grid(server, tmp_path):
