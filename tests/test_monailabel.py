@@ -514,19 +514,26 @@ def test_the_shipped_model_is_exported_at_start_up(server):
     assert "exported the shipped model hippocampus_cdal" in server["log"].read_text()
 
 
-def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
+def _infer_volume(server, tmp_path, timing: str, params: dict) -> tuple:
+    """The shipped 2-D model on the datastore's volume: (label, its result JSON, the reference image, the truth);
+    the label checked to be in the input's grid."""
     import nibabel as nib
 
     url = f"{server['url']}/infer/hippocampus_cdal?image={VOLUME}&output=all"
-    fields = {"params": json.dumps({"num_generations": 2})}
-    status, headers, body = _timed("infer_volume_N2", lambda: _request(url, "POST", fields=fields))
+    fields = {"params": json.dumps(params)}
+    status, headers, body = _timed(timing, lambda: _request(url, "POST", fields=fields))
     assert status == 200, body[:500]
     parts = _multipart(headers, body)
     image, label = _read_nifti(parts["image"], tmp_path)
     reference = nib.load(server["volume"])
     assert label.shape == reference.shape and np.allclose(image.affine, reference.affine)
     assert set(np.unique(label)) <= {0, 1, 2}
-    params = json.loads(parts["params"])
+    truth = np.asarray(nib.load(server["volume_label"]).dataobj)
+    return label, json.loads(parts["params"]), reference, truth
+
+
+def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
+    label, params, reference, truth = _infer_volume(server, tmp_path, "infer_volume_N2", {"num_generations": 2})
     assert params["num_generations"] == 2  # as requested (the shipped model's default is 5)
     assert params["whole_slices"] is False  # the paper protocol unless the request asks
     assert params["uncertainty"]["tag"] == "uncertainty" and params["uncertainty"]["max"] <= 0.5
@@ -534,7 +541,6 @@ def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
     assert status == 200
     u_image, u = _read_nifti(payload, tmp_path)
     assert u.shape == reference.shape and u.dtype == np.float32 and np.allclose(u_image.affine, reference.affine)
-    truth = np.asarray(nib.load(server["volume_label"]).dataobj)
     TIMINGS["volume_dice_anterior"] = round(_dice(label == 1, truth == 1), 4)
     TIMINGS["volume_dice_posterior"] = round(_dice(label == 2, truth == 2), 4)
     if server["real"]:  # hippocampus_001 is in fold 0, which the shipped model never trained on
@@ -542,19 +548,9 @@ def test_volume_inference_returns_labels_in_the_input_grid(server, tmp_path):
 
 
 def test_whole_slices_per_request_is_the_fast_protocol(server, tmp_path):
-    import nibabel as nib
-
-    url = f"{server['url']}/infer/hippocampus_cdal?image={VOLUME}&output=all"
-    fields = {"params": json.dumps({"num_generations": 2, "whole_slices": True})}
-    status, headers, body = _timed("infer_volume_N2_whole_slices", lambda: _request(url, "POST", fields=fields))
-    assert status == 200, body[:500]
-    parts = _multipart(headers, body)
-    image, label = _read_nifti(parts["image"], tmp_path)
-    reference = nib.load(server["volume"])
-    assert label.shape == reference.shape and np.allclose(image.affine, reference.affine)
-    params = json.loads(parts["params"])
+    request = {"num_generations": 2, "whole_slices": True}
+    label, params, _, truth = _infer_volume(server, tmp_path, "infer_volume_N2_whole_slices", request)
     assert params["whole_slices"] is True and params["num_generations"] == 2
-    truth = np.asarray(nib.load(server["volume_label"]).dataobj)
     dice = [_dice(label == c, truth == c) for c in (1, 2)]
     TIMINGS["volume_whole_slices_dice"] = [round(d, 4) for d in dice]
     if server["real"]:  # fold 0: never trained on
