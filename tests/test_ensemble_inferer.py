@@ -176,6 +176,41 @@ def test_channels_last_inputs_give_the_same_ensemble_and_reach_the_network_as_nh
         _inferer(channels_last="sideways")
 
 
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (False, False)])
+def test_amp_auto_with_the_cpu_detection_forced(monkeypatch, amx, avx512_bf16):
+    """Whatever this machine has: with AMX or AVX-512 BF16 reported, ``auto`` runs the network in bf16 (the same
+    numbers as forcing bf16) and names it so; with neither, fp32 (the same numbers as no autocast)."""
+    from bundle.inferers.autocast import native_bf16, precision_name, resolve_autocast
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpu, native = torch.device("cpu"), amx or avx512_bf16
+    assert native_bf16(cpu) is native
+    assert resolve_autocast("auto", cpu) == (torch.bfloat16 if native else None)
+    assert precision_name("auto", cpu) == ("bfloat16" if native else "float32")
+    net, images = _generator(), torch.randn(2, 3, 16, 16)
+    auto = _inferer(num_generations=2, outputs="samples", autocast="auto")
+    assert auto.network_dtype(cpu) == (torch.bfloat16 if native else None)
+    forced = _inferer(num_generations=2, outputs="samples", autocast=torch.bfloat16 if native else None)
+    got = auto.ensemble(images, net, _generators(4))
+    torch.testing.assert_close(got, forced.ensemble(images, net, _generators(4)), rtol=0, atol=0)
+    assert got.dtype == torch.float32  # the sampler's arithmetic stays fp32 either way
+    if native:  # and bf16 really ran: the output differs from fp32's
+        fp32 = _inferer(num_generations=2, outputs="samples", autocast=None).ensemble(images, net, _generators(4))
+        assert (got - fp32).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("available, bf16", [(True, True), (True, False), (False, False)])
+def test_amp_auto_with_the_cuda_detection_forced(monkeypatch, available, bf16):
+    from bundle.inferers.autocast import native_bf16, resolve_autocast
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    cuda = torch.device("cuda")
+    assert native_bf16(cuda) is (available and bf16)
+    assert resolve_autocast("auto", cuda) == (torch.bfloat16 if available and bf16 else None)
+
+
 def test_amp_auto_follows_the_devices_native_bf16_and_is_recorded_by_name():
     from bundle.inferers.autocast import native_bf16, precision_name, resolve_autocast
 
