@@ -119,6 +119,9 @@ def test_mlflow_run_has_params_metrics_and_artifacts(trained):
         "lr_g": "0.0002",
     }.items():
         assert params[key] == value
+    # eval_amp auto: the precision the validation ran at, named by what this machine's hardware gives
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert params["eval_precision"] == ("bfloat16" if native else "float32")
     metrics = {k for (k,) in _mlflow_rows(trained, f"select distinct key from metrics where run_uuid = '{run_id}'")}
     assert {"loss_g", "loss_d", "val_dice", "val_iou"} <= metrics
     artifacts = Path(artifact_uri.removeprefix("file://"))
