@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -401,12 +402,10 @@ def markdown_section(result: dict) -> str:
 
 def summarise_runs(runs: list[dict]) -> dict:
     """One path's repeats: the median seconds (and every run's), the largest peak RSS."""
-    seconds = sorted(run["seconds"] for run in runs)
-    middle = len(seconds) // 2
-    median = seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
+    seconds = [run["seconds"] for run in runs]
     return {
-        "seconds": median,
-        "seconds_runs": [run["seconds"] for run in runs],
+        "seconds": statistics.median(seconds),
+        "seconds_runs": seconds,
         "windows_per_batch": runs[0]["windows_per_batch"],
         "channels_last": runs[0]["channels_last"],
         "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
@@ -477,8 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["paths"] = {name: summarise_runs(path_runs) for name, path_runs in runs.items()}
     if "baseline" in runs:
         base = [run["seconds"] for run in runs["baseline"]]
-        for name, summary in result["paths"].items():
-            summary["speed_up_runs"] = [b / run["seconds"] for b, run in zip(base, runs[name])]
+        for name, path in result["paths"].items():
+            path["speed_up_runs"] = [b / run["seconds"] for b, run in zip(base, runs[name])]
     if args.tile_network != "none":
         if not args.tile.is_file():
             raise SystemExit(f"{args.tile}: no such tile (give --tile <a MoNuSeg .tif> or --tile_network none)")
