@@ -43,16 +43,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import uncertainty_ranking  # noqa: E402
 
+from bundle import composer  # noqa: E402
 from bundle.data.hippocampus import build_hippocampus_datalist  # noqa: E402
 from bundle.files import write_text_atomic  # noqa: E402
 
-TRAIN_CONFIGS = [
-    "configs/train.yaml",
-    "configs/methods/cdal.yaml",
-    "configs/datasets/hippocampus.yaml",
-    "configs/profiles/cdal_hippocampus.yaml",
-]
-INFER_CONFIGS = ["configs/inference.yaml", "configs/datasets/hippocampus.yaml"]
+TRAIN_CONFIGS = composer.config_files("training", "cdal", "hippocampus", profile=True)
+INFER_CONFIGS = composer.config_files("inference", dataset="hippocampus")
 STRATEGIES = ("uncertain", "random")
 
 
@@ -73,18 +69,21 @@ def train(
     datalist = run_dir / "labelled.json"
     _write_json(datalist, {"training": labelled, "validation": validation, "test": []})
     epochs = max(1, iterations // args.epoch_length)
-    command = [sys.executable, "-m", "monai.bundle", "run", "training"]
-    command += ["--config_file", str([str(REPO / c) for c in TRAIN_CONFIGS])]
-    command += ["--bundle_root", str(run_dir), "--dataset_dir", str(args.dataset_dir)]
-    command += ["--datalist", f"$__import__('json').loads(open({str(datalist)!r}).read())"]
-    command += ["--max_epochs", str(epochs), "--epoch_length", str(args.epoch_length), "--val_interval", str(epochs)]
-    command += ["--seed", str(args.seed_base + seed)]
-    command += ["--tracking_uri", f"sqlite:///{run_dir / 'mlruns.db'}"]
+    overrides = {
+        "bundle_root": run_dir,
+        "dataset_dir": args.dataset_dir,
+        "datalist": f"$__import__('json').loads(open({str(datalist)!r}).read())",
+        "max_epochs": epochs,
+        "epoch_length": args.epoch_length,
+        "val_interval": epochs,
+        "seed": args.seed_base + seed,
+        "tracking_uri": f"sqlite:///{run_dir / 'mlruns.db'}",
+    }
     if init is not None:
-        command += ["--init_weights", str(init)]
+        overrides["init_weights"] = init
     start = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
-        subprocess.run(command, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+        composer.run_bundle("training", TRAIN_CONFIGS, overrides, check=True, stdout=log, stderr=subprocess.STDOUT)
     print(f"  trained {run_dir.name} on {len(labelled)} volumes in {time.perf_counter() - start:.0f} s", flush=True)
     return model
 
@@ -97,7 +96,7 @@ def infer(out: Path, model: Path, items: list[dict], subset: str, args) -> dict[
     if not (out / "uncertainty_vs_dice.csv").is_file():
         uncertainty_ranking.main(
             [
-                "--datalist", str(datalist), "--subsets", subset, "--configs", *INFER_CONFIGS,
+                "--datalist", str(datalist), "--subsets", subset, "--configs", *map(str, INFER_CONFIGS),
                 "--output", str(out), "--set", f"checkpoint={model}",
                 f"num_generations={args.num_generations}", "whole_slices=true",
             ]

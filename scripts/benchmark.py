@@ -42,10 +42,10 @@ from pathlib import Path
 
 import monai
 import torch
-from monai.bundle import ConfigParser
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bundle import composer
 from bundle.diffusion.samplers import DiffusionSampler, UncachedImageNetwork
 from bundle.diffusion.schedules import make_cdal_scheduler
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
@@ -53,11 +53,12 @@ from bundle.inferers.autocast import AutocastNetwork, autocast_dtype
 from bundle.inferers.ensemble import EnsembleInferer
 
 REPO = Path(__file__).resolve().parents[1]
+# (method, profile) -> the composer's arguments (training configs; the MoNuSeg paper sizes or the CPU profile)
 CONFIGS = {
-    ("segdiff", "paper"): ["train.yaml", "methods/segdiff.yaml", "paper/segdiff_monuseg.yaml"],
-    ("segdiff", "cpu"): ["train.yaml", "methods/segdiff.yaml"],
-    ("cdal", "paper"): ["train.yaml", "methods/cdal.yaml", "paper/cdal_monuseg.yaml"],
-    ("cdal", "cpu"): ["train.yaml", "methods/cdal.yaml"],
+    ("segdiff", "paper"): {"method": "segdiff", "dataset": "monuseg", "paper": True},
+    ("segdiff", "cpu"): {"method": "segdiff"},
+    ("cdal", "paper"): {"method": "cdal", "dataset": "monuseg", "paper": True},
+    ("cdal", "cpu"): {"method": "cdal"},
 }
 # (sampler label, steps per generation, generations N); SegDiff's naive reference is always DDPM with T = 100
 CASES = {"segdiff": [("ddpm", 100, 9), ("ddim", 25, 9)], "cdal": [("posterior", 4, 5)]}
@@ -168,10 +169,9 @@ def network_flops(method: str, network: nn.Module, size: int) -> dict[str, float
 
 def build_network(method: str, profile: str, size: int) -> nn.Module:
     """The ``network_def`` of the method/profile configs, for ``size`` x ``size`` tiles, in eval mode."""
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "configs" / f) for f in CONFIGS[(method, profile)]])
-    parser["patch_size"] = size
-    parser["label_channels"] = 1
+    parser = composer.compose(
+        composer.config_files("training", **CONFIGS[(method, profile)]), {"patch_size": size, "label_channels": 1}
+    )
     torch.manual_seed(0)
     return parser.get_parsed_content("network_def").eval().to(DEVICE)
 

@@ -57,30 +57,25 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark import machine_description, measure_matmul_peak  # noqa: E402
 
+from bundle import composer  # noqa: E402
 from bundle.inferers.ensemble import network_size_divisor  # noqa: E402
 from bundle.networks.blocks import out_of_place_arithmetic  # noqa: E402
 
 DEFAULT_VOLUME = REPO.parent / "shared" / "data" / "hippocampus" / "Task04_Hippocampus" / "imagesTr"
-CONFIGS = [str(REPO / "configs" / "inference.yaml"), str(REPO / "configs" / "datasets" / "hippocampus.yaml")]
+CONFIGS = composer.config_files("inference", dataset="hippocampus")
 BASELINE_WINDOWS = 64  # windows per batch before the change (configs/datasets/hippocampus.yaml slice_batch_size)
 PATHS = ("baseline", "default", "whole_slices")
 DEFAULT_TILE = REPO.parent / "shared" / "data" / "monuseg" / "MoNuSegTrainingData" / "Tissue_Images"
 TILE_CONFIGS = {  # the network serving the tile: the paper-size cDAL (41.7 M parameters) or the bundle's default
-    "paper": [
-        str(REPO / "configs" / f) for f in ("inference.yaml", "datasets/monuseg.yaml", "paper/cdal_monuseg.yaml")
-    ],
-    "cpu": [str(REPO / "configs" / f) for f in ("inference.yaml", "datasets/monuseg.yaml")],
+    "paper": composer.config_files("inference", "cdal", "monuseg", paper=True),
+    "cpu": composer.config_files("inference", dataset="monuseg"),
 }
 TILE_PRECISIONS = ("false", "auto")  # fp32 forced, and the default (bf16 network calls only where native)
 
 
 def parse(bundle_root: str, volume: Path, num_generations: int) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(CONFIGS)
-    parser["bundle_root"] = bundle_root
-    parser["num_generations"] = num_generations
-    parser["input_datalist"] = [{"image": str(volume)}]
-    return parser
+    overrides = {"bundle_root": bundle_root, "num_generations": num_generations}
+    return composer.compose(CONFIGS, {**overrides, "input_datalist": [{"image": str(volume)}]})
 
 
 def load(parser: ConfigParser) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -168,12 +163,8 @@ def run_tile(
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as root:
-        parser = ConfigParser()
-        parser.read_config(TILE_CONFIGS[network])
-        parser["bundle_root"], parser["num_generations"], parser["amp"] = root, num_generations, precision
-        parser["input_datalist"] = [{"image": tile}]
-        for key, value in overrides.items():
-            parser[key] = value
+        settings = {"bundle_root": root, "num_generations": num_generations, "amp": precision}
+        parser = composer.compose(TILE_CONFIGS[network], {**settings, "input_datalist": [{"image": tile}], **overrides})
         torch.manual_seed(0)
         model = parser.get_parsed_content("network_def").eval()
         image = parser.get_parsed_content("dataset")[0]["image"][None]

@@ -34,6 +34,8 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
+from bundle.composer import compose
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
@@ -45,14 +47,6 @@ DATASETS = {
     "lidc": ({"0": "background", "1": "lesion"}, 2),
     "hippocampus": ({"0": "background", "1": "anterior", "2": "posterior"}, 3),
 }
-
-
-def _compose(files: Sequence[Path], overrides: dict) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -101,8 +95,8 @@ def export(
     dataset_overlay = [CONFIGS / "datasets" / f"{dataset}.yaml"]
     overrides = dict(overrides or {})
 
-    train = _compose([CONFIGS / "train.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/train.yaml"], overrides)
-    infer = _compose(
+    train = compose([CONFIGS / "train.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/train.yaml"], overrides)
+    infer = compose(
         [CONFIGS / "inference.yaml", *methods, *dataset_overlay, CONFIGS / "monailabel/infer.yaml"], overrides
     )
     for parser in (train, infer):

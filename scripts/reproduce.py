@@ -51,6 +51,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bundle import composer  # noqa: E402
 from bundle.reports.tables import build_table, log_table_to_mlflow, read_run, write_tables  # noqa: E402
 
 DONE_MARKER = "TRAINING_DONE"
@@ -72,42 +73,32 @@ def cli_overrides(pairs: list[str]) -> list[str]:
 
 
 def _overlay(kind: str, name: str) -> Path:
-    path = REPO / "configs" / kind / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (REPO / "configs" / kind).glob("*.yaml"))
-        raise SystemExit(f"{path}: no such {kind[:-1]} overlay; available: {', '.join(known)}")
-    return path
+    try:
+        return composer.overlay(kind, name)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
 
 
 def config_files(
     method: str, dataset: str | None, paper: bool, evaluate: bool, profile: bool = False, variant: str = "2d"
 ) -> list[Path]:
     """train.yaml (+ evaluate.yaml), the method overlay, the dataset overlay (None: train.yaml's built-in synthetic
-    data), then the paper or profile overlay of the pair; an unknown overlay name stops with the known ones."""
-    if dataset is None and (paper or profile):
-        raise SystemExit("--paper and --profile need a dataset overlay")
-    files = [REPO / "configs" / "train.yaml"]
-    if evaluate:
-        files.append(REPO / "configs" / "evaluate.yaml")
-    files.append(_overlay("methods", method))
-    if dataset is not None:
-        files.append(_overlay("datasets", dataset))
-    if paper:
-        files.append(_overlay("paper", f"{method}_{dataset}"))
-    if profile:
-        files.append(_overlay("profiles", f"{method}_{dataset}"))
-        extra = REPO / "configs" / "profiles" / f"{method}_{dataset}_{variant}.yaml"
-        if variant != "2d" and extra.is_file():
-            files.append(extra)
-    return files
+    data), then the paper or profile overlay of the pair (the bundle's composer); an unknown overlay name stops with
+    the known ones."""
+    try:
+        return composer.config_files(
+            "evaluating" if evaluate else "training", method, dataset, paper=paper, profile=profile, variant=variant
+        )
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
 
 
 def _variant_args(variant: str, context_slices: int) -> list[str]:
-    if variant == "2.5d":
-        return ["--context_slices", str(context_slices)]
-    if variant == "3d":
-        return ["--spatial_dims", "3"]
-    return []
+    return [
+        item
+        for key, value in composer.variant_overrides(variant, context_slices).items()
+        for item in (f"--{key}", str(value))
+    ]
 
 
 def _label(method: str, variant: str) -> str:
@@ -145,19 +136,7 @@ def read_timing(root: Path) -> dict[str, float]:
 
 
 def _run_bundle(run_id: str, files: list[Path], root: Path, args: list[str], log_name: str, dry_run: bool) -> None:
-    config = "[" + ",".join(f"'{f}'" for f in files) + "]"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        config,
-        "--bundle_root",
-        str(root),
-        *args,
-    ]
+    cmd = composer.bundle_command(run_id, files, {"bundle_root": root}) + args
     print("$ " + " ".join(cmd), flush=True)
     if dry_run:
         return
@@ -165,7 +144,7 @@ def _run_bundle(run_id: str, files: list[Path], root: Path, args: list[str], log
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, cwd=composer.BUNDLE_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
     print(f"  {run_id} finished in {time.time() - start:.0f} s (exit {proc.returncode}), log {log}", flush=True)
     if proc.returncode != 0:
         tail = log.read_text()[-4000:]

@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from reproduce import DONE_MARKER, cli_overrides, config_files  # noqa: E402  (the same overlays, rules, marker)
 
+from bundle import composer  # noqa: E402
+
 
 def validation_history(db: Path) -> list[tuple[int, float]]:
     """(epoch, val_dice) of every validation logged in an MLflow SQLite database, in epoch order."""
@@ -139,17 +141,15 @@ def bundle_command(workflow: str, method: str, seed: int, root: Path, options: a
     """``python -m monai.bundle run <workflow>`` of one run: reproduce.py's overlays, then the ``--config`` files."""
     files = config_files(method, options.dataset, False, workflow == "evaluating")
     files += [Path(c).absolute() for c in options.config]
-    config = "[" + ",".join(f"'{f}'" for f in files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", config]
-    cmd += ["--bundle_root", str(root), "--seed", str(seed), "--tracking_uri", f"sqlite:///{root / 'mlruns.db'}"]
-    return cmd + cli_overrides(options.set)
+    overrides = {"bundle_root": root, "seed": seed, "tracking_uri": f"sqlite:///{root / 'mlruns.db'}"}
+    return composer.bundle_command(workflow, files, overrides) + cli_overrides(options.set)
 
 
 def run_logged(cmd: list[str], log_path: Path, what: str) -> None:
     """Run one bundle command with its output in ``log_path``; stop with the log's end if it fails."""
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, cwd=composer.BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     print(f"  {what}: {time.time() - start:.0f} s (exit {proc.returncode})", flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed; end of {log_path}:\n" + log_path.read_text()[-3000:])

@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bundle import composer  # noqa: E402
 from bundle.metrics.uncertainty import foreground_uncertainty  # noqa: E402
 from bundle.transforms.writers import label_extension, volume_file_stem  # noqa: E402
 
@@ -74,14 +74,12 @@ def run(args: argparse.Namespace) -> dict:
             if not link.exists():
                 link.symlink_to(Path(item["image"]).resolve())
             subset_of[volume_file_stem(item["image"])] = subset
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(REPO / c) for c in args.configs])]
-    command += ["--input_dir", str(inputs), "--output_dir", str(out / "predictions"), "--bundle_root", str(out)]
-    for item in args.set:
-        key, _, value = item.partition("=")
-        command += [f"--{key}", value]
+    overrides = {"input_dir": inputs, "output_dir": out / "predictions", "bundle_root": out}
+    overrides.update(item.partition("=")[::2] for item in args.set)
+    files = [REPO / c for c in args.configs]
     start = time.perf_counter()
     if not (out / "predictions" / "masks").is_dir():
-        subprocess.run(command, cwd=REPO, check=True)
+        composer.run_bundle("run", files, overrides, check=True)
     seconds = time.perf_counter() - start
     rows = []
     for item in items:

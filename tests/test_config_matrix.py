@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import yaml
-from workflow_matrix import CONFIGS, DATASETS, METHODS, WORKFLOWS, config_files, merged_config
+from workflow_matrix import CONFIGS, DATASETS, METHODS, WORKFLOWS, config_files, merged_config, resolved_config
 
 CELLS = list(itertools.product(WORKFLOWS, METHODS, DATASETS))
 
@@ -44,14 +44,28 @@ def test_method_and_dataset_overlays_write_disjoint_top_level_slots():
 
 
 @pytest.mark.parametrize("base", ["train.yaml", "inference.yaml"])
-def test_default_overlays_restate_the_bases(base):
-    """train.yaml and inference.yaml alone are cDAL on the synthetic data: their method and dataset overlays restate
-    those defaults exactly, so the defaults cannot drift from the overlays."""
-    alone = merged_config([CONFIGS / base])
-    with_defaults = merged_config(
+def test_the_bases_alone_are_the_default_composition(base):
+    """train.yaml and inference.yaml alone are cDAL on the synthetic data: every slot they take by macro from the
+    overlays resolves to what the explicit composition with those overlays gives."""
+    alone = resolved_config([CONFIGS / base])
+    explicit = resolved_config(
         [CONFIGS / base, CONFIGS / "methods" / "cdal.yaml", CONFIGS / "datasets" / "synthetic.yaml"]
     )
-    assert {k: with_defaults[k] for k in alone} == alone
+    assert alone["method"] == "cdal" and alone["dataset_name"] == "synthetic"
+    assert {k: explicit[k] for k in alone} == alone
+    assert not [k for k, v in alone.items() if isinstance(v, str) and v.startswith("%")], "unresolved macros"
+
+
+def test_no_config_repeats_a_run_of_six_lines():
+    """Each default is written once: no run of six identical (non-comment) lines at two places in configs/."""
+    runs: dict[tuple[str, ...], list[str]] = {}
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        lines = [" ".join(raw.split()) for raw in path.read_text().splitlines()]
+        lines = [line for line in lines if line and not line.startswith("#")]
+        for i in range(len(lines) - 5):
+            runs.setdefault(tuple(lines[i : i + 6]), []).append(f"{path.relative_to(CONFIGS)}:{i}")
+    repeated = {places[0]: places[1:] for places in runs.values() if len(places) > 1}
+    assert not repeated, f"repeated six-line runs: {repeated}"
 
 
 def test_every_method_fills_the_method_slots():
@@ -64,9 +78,6 @@ def test_every_method_fills_the_method_slots():
         "lr_schedulers",
         "training_step",
         "sampler",
-        "ema_decay",
-        "checkpoint_extras",
-        "method_handlers",
         "method_params",
         "max_epochs",
         "epoch_length",

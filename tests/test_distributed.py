@@ -65,7 +65,7 @@ def _torchrun(root: Path, configs: list[Path], overrides: dict, dataset_dir: Pat
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return root
 
@@ -84,7 +84,12 @@ def hippocampus_ddp_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ddp_hippocampus")
     data = write_synthetic_hippocampus(root / "Task04_Hippocampus", num_cases=8, shape=(22, 26, 20), seed=0)
-    configs = [CONFIGS / "train.yaml", CONFIGS / "multi_gpu_train.yaml", CONFIGS / "datasets" / "hippocampus.yaml"]
+    configs = [
+        CONFIGS / "train.yaml",
+        CONFIGS / "multi_gpu_train.yaml",
+        CONFIGS / "methods" / "cdal.yaml",  # named: its network settings are overridden below
+        CONFIGS / "datasets" / "hippocampus.yaml",
+    ]
     overrides = {
         "epoch_length": 4,
         "max_epochs": 2,
@@ -259,7 +264,7 @@ def test_a_rank_that_dies_ends_every_rank_within_a_bounded_time_and_is_named(tmp
         cmd += [f"--{key}", str(value)]
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})  # fmt: skip
         try:
             deadline = time.time() + 300

@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from bundle.composer import compose
 from bundle.handlers.checkpoint import upgrade_legacy_state
 
 HERE = Path(__file__).resolve().parent
@@ -35,8 +36,6 @@ SETTINGS = {
 
 
 def _parser(root: Path, **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.yaml"))
     data = "$bundle.data.synthetic.ensure_synthetic_monuseg(@dataset_dir, num_train=6, num_test=2, size=64, seed=0)"
     values = {
         **SETTINGS,
@@ -45,8 +44,7 @@ def _parser(root: Path, **overrides) -> ConfigParser:
         "dataset_root": data,
         **overrides,
     }
-    for key, value in values.items():
-        parser[key] = value
+    parser = compose([CONFIGS / "train.yaml"], values)  # the default cDAL, its network settings nested
     for name in (
         "train#handlers_by_name#mlflow",
         "train#handlers_by_name#progress",

@@ -155,7 +155,7 @@ def _train(root: Path, configs: list[str], overrides: dict) -> Path:
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": THREADS, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     model = root / "models" / "model.pt"
     assert model.is_file()

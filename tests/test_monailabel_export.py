@@ -49,7 +49,7 @@ def test_2d_export_has_what_bundle_infer_and_train_tasks_read(tmp_path):
     assert "Invertd" in names and "SaveMaskAndUncertaintyd" not in names  # MONAI Label writes its own outputs
     train = yaml.safe_load((out / "configs" / "train.yaml").read_text())
     assert train["train"]["handlers"] == []  # MONAI's list: BundleTrainTask appends its loader (dicts) there
-    assert "@train#handlers" in train["train"]["trainer"]["train_handlers"]
+    assert "@train::handlers" in train["train"]["trainer"]["train_handlers"]  # ids as MONAI normalises them
     assert train["run"] == "@training" and train["overwrite"] is True and train["val_interval"] == 1
     saved = torch.load(out / "models" / "model.pt", weights_only=True)
     assert set(saved) == set(torch.load(tmp_path / "weights.pt", weights_only=True))

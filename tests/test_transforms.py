@@ -17,12 +17,7 @@ from bundle.data.monuseg import find_monuseg_pairs
 from bundle.data.synthetic import write_synthetic_monuseg
 from bundle.transforms.intensity import RandColorJitterd
 from bundle.transforms.io import LoadInstanceMaskd, LoadTiled
-from bundle.transforms.recipes import (
-    RandIsotropicAffined,
-    cdal_monuseg_eval_transforms,
-    cdal_monuseg_train_transform_lists,
-    cdal_monuseg_train_transforms,
-)
+from bundle.transforms.spatial import RandIsotropicAffined
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +159,21 @@ def test_isotropic_affine_draws_one_zoom():
         assert set(out["label"].unique().tolist()) <= {0.0, 1.0}
 
 
+def _monuseg_pipeline(image_size: int, patch_size: int) -> tuple[Compose, Compose]:
+    """The MoNuSeg pipeline as the configs write it (datasets/monuseg.yaml, the bases' default data): the cached
+    loading + training augmentation, and loading + evaluation."""
+    from bundle.composer import compose, config_files
+
+    parser = compose(config_files("training", dataset="monuseg"), {"image_size": image_size, "patch_size": patch_size})
+    parser.parse()
+    load_tx = parser.get_parsed_content("load_transforms")
+    train = Compose(load_tx + parser.get_parsed_content("train_transforms"))
+    evaluate = Compose(load_tx + parser.get_parsed_content("eval_transforms"))
+    return train, evaluate
+
+
 def test_train_recipe_outputs(synthetic_pair):
-    transforms = cdal_monuseg_train_transforms(image_size=128, patch_size=64)
+    transforms, _ = _monuseg_pipeline(128, 64)
     transforms.set_random_state(0)
     first = transforms(dict(synthetic_pair))
     image, label = first["image"], first["label"]
@@ -173,23 +181,18 @@ def test_train_recipe_outputs(synthetic_pair):
     assert tuple(label.shape) == (1, 64, 64) and label.dtype == torch.float32
     assert set(label.unique().tolist()) == {-1.0, 1.0}
     assert image.mean(dim=(1, 2)).abs().max() < 1.0 and 0.2 < image.std() < 2.0
-    assert image.meta["filename_or_obj"] == synthetic_pair["image"]
     transforms.set_random_state(0)
     assert torch.equal(transforms(dict(synthetic_pair))["image"], image)
-    deterministic, random = cdal_monuseg_train_transform_lists(image_size=128, patch_size=64)
-    assert [type(t).__name__ for t in deterministic] == ["LoadTiled", "LoadInstanceMaskd", "Resized", "Resized"]
-    with pytest.raises(ValueError):
-        cdal_monuseg_train_transforms(image_size=64, patch_size=128)
 
 
 def test_default_recipes_on_a_tile(synthetic_pair):
-    train = cdal_monuseg_train_transforms()(dict(synthetic_pair))  # paper sizes: resize 512, crop 256
+    train, _ = _monuseg_pipeline(512, 256)  # the papers' sizes: resize 512, crop 256
+    train = train(dict(synthetic_pair))
     assert tuple(train["image"].shape) == (3, 256, 256) and set(train["label"].unique().tolist()) == {-1.0, 1.0}
-    evaluated = cdal_monuseg_eval_transforms(image_size=128)(dict(synthetic_pair))
+    _, evaluate = _monuseg_pipeline(128, 64)
+    evaluated = evaluate(dict(synthetic_pair))
     assert tuple(evaluated["image"].shape) == (3, 128, 128) and tuple(evaluated["label"].shape) == (1, 128, 128)
     assert set(evaluated["label"].unique().tolist()) == {-1.0, 1.0}
     raw = load(dict(synthetic_pair))
     resized_fraction = (evaluated["label"] > 0).float().mean()
     assert abs(resized_fraction - raw["label"].mean()) < 0.02  # nearest resize keeps the foreground share
-    image_only = cdal_monuseg_eval_transforms(image_size=None, label_key=None)({"image": synthetic_pair["image"]})
-    assert tuple(image_only["image"].shape) == (3, 256, 256) and "label" not in image_only

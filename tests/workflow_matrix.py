@@ -20,15 +20,13 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+from bundle import composer
+
+REPO = composer.BUNDLE_ROOT
+CONFIGS = composer.CONFIGS
 METHODS = ("cdal", "segdiff", "unet", "prob_unet", "mose")
 DATASETS = ("synthetic", "monuseg", "cxr", "hippocampus", "lidc")
-WORKFLOWS = {
-    "training": ("train.yaml",),
-    "evaluating": ("train.yaml", "evaluate.yaml"),
-    "inference": ("inference.yaml",),
-}
+WORKFLOWS = composer.WORKFLOWS
 
 # small networks: the same overrides serve training, evaluation and inference of a cell
 TINY_METHOD: dict[str, dict[str, Any]] = {
@@ -69,15 +67,27 @@ def config_files(
     workflow: str, method: str, dataset: str, method_first: bool = True, workflow_files: Sequence[str] = ()
 ) -> list[Path]:
     """The config files of one cell (plus further workflow overlays), the method overlay before or after the
-    dataset overlay."""
-    overlays = [CONFIGS / "methods" / f"{method}.yaml", CONFIGS / "datasets" / f"{dataset}.yaml"]
-    workflow_paths = [CONFIGS / f for f in (*WORKFLOWS[workflow], *workflow_files)]
-    return workflow_paths + (overlays if method_first else overlays[::-1])
+    dataset overlay: the bundle's composer."""
+    return composer.config_files(workflow, method, dataset, method_first=method_first, workflow_files=workflow_files)
 
 
 def merged_config(files: Sequence[Path]) -> dict:
     """The configs merged the way ``monai.bundle run --config_file [...]`` merges them (no parsing)."""
     return ConfigParser.load_config_files([str(f) for f in files])
+
+
+def resolved_config(files: Sequence[Path]) -> dict:
+    """The merged configs with MONAI's macros (``%file#key``) resolved from the bundle root, as a run sees them."""
+    return _normalise_ids(composer.compose(files).get())
+
+
+def _normalise_ids(value: Any) -> Any:
+    """References written ``@a#b`` and ``@a::b`` are the same id (the macros keep the spelling of their file)."""
+    if isinstance(value, dict):
+        return {k: _normalise_ids(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalise_ids(v) for v in value]
+    return value.replace("#", "::") if isinstance(value, str) else value
 
 
 def write_tiny_data(root: Path) -> dict[str, dict[str, Any]]:

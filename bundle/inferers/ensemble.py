@@ -112,6 +112,7 @@ class EnsembleInferer(Inferer):
         size_divisor: int = 4,
     ) -> None:
         super().__init__()
+        self._options = {k: v for k, v in locals().items() if k not in ("self", "__class__") and not k.startswith("_")}
         if int(num_generations) < 1:
             raise ValueError(f"num_generations must be >= 1, got {num_generations}")
         self.sampler = sampler
@@ -142,6 +143,14 @@ class EnsembleInferer(Inferer):
         if self.size_divisor < 1:
             raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
         self._stream = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+
+    def with_options(self, **changes: Any) -> EnsembleInferer:
+        """A new inferer with this one's settings except ``changes`` (e.g. the cheaper ensemble of model
+        selection: ``inferer.with_options(num_generations=2, overlap=0.5)``)."""
+        unknown = set(changes) - set(self._options)
+        if unknown:
+            raise TypeError(f"EnsembleInferer has no option(s) {sorted(unknown)}")
+        return type(self)(**{**self._options, **changes})
 
     def network_dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype of the network calls on ``device`` (None: fp32); ``"auto"`` is resolved once per
