@@ -1,6 +1,6 @@
 """One composer: (workflow, method, dataset, variant, profile) -> the bundle's config files, merged and launched.
 
-Every tool of the project that builds a config list or starts a bundle run goes through here (scripts/reproduce.py,
+Every tool of the project that builds a config list or starts a bundle run goes through here (tools/reproduce.py,
 the matrix tests, the MONAI Label export, the benchmarks, the annotation loop), so the order rules live in one place:
 
     workflow base(s)  ->  method overlay  ->  dataset overlay  ->  paper or profile of the pair  ->  variant profile
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.bundle.reference_resolver import ReferenceResolver
+from monai.bundle.utils import merge_kv
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_ROOT / "configs"
@@ -100,15 +102,29 @@ def variant_overrides(variant: str, context_slices: int = 1) -> dict[str, Any]:
 
 def compose(files: Sequence[str | os.PathLike], overrides: Mapping[str, Any] | None = None) -> ConfigParser:
     """The files merged as ``monai.bundle run --config_file [...]`` merges them, the macros resolved from the bundle
-    root (so the content is self-contained and can be written out as one file), then ``overrides`` set (a nested
-    key such as ``network_def#num_channels`` also reaches a slot the bases take by macro)."""
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
+    root (so the content is self-contained and can be written out as one file), then ``overrides`` set.
+
+    Unlike MONAI's own merge, a nested key (``network_def#num_channels``), in a later file or in ``overrides``, also
+    reaches a slot that the bases take by macro: the macro is resolved first. (On the command line, name the method
+    overlay before a file or override that changes one of its nested settings.)"""
+    parser = ConfigParser(config={})
     with contextlib.chdir(BUNDLE_ROOT):
+        for path in files:
+            for key, value in ConfigParser.load_config_file(str(path)).items():
+                if _into_macro(parser, key):  # a nested key into a slot still taken by macro: take it first
+                    parser.resolve_macro_and_relative_ids()
+                merge_kv(parser, key, value)
         parser.resolve_macro_and_relative_ids()
     for key, value in (overrides or {}).items():  # after the macros: a nested key reaches a default slot's content
         parser[key] = value
     return parser
+
+
+def _into_macro(parser: ConfigParser, key: str) -> bool:
+    """Whether ``key`` is nested (``a#b``) inside a top-level value that is still a macro string."""
+    ids = ReferenceResolver.normalize_id(key.removeprefix("+")).split(ReferenceResolver.sep)
+    parent = parser.get().get(ids[0]) if len(ids) > 1 else None
+    return isinstance(parent, str) and parent.startswith("%")
 
 
 def bundle_command(

@@ -21,7 +21,7 @@ def _example(name: str) -> str:
 def test_the_documented_method_is_one_file_and_a_short_overlay():
     overlay = _example("overlay")
     assert len(overlay.strip().splitlines()) <= 45
-    assert "bundle.engines.steps.diffusion.DenoisingStep" in overlay  # no new step file
+    assert "bundle.engines.steps.denoising.DenoisingStep" in overlay  # no new step file
 
 
 def test_the_documented_method_runs_every_workflow(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""scripts/benchmark_serving.py runs end to end (small synthetic volume, one generation, small rate sweep)."""
+"""tools/benchmark_serving.py runs end to end (small synthetic volume, one generation, small rate sweep)."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 from bundle.data.hippocampus import write_synthetic_hippocampus
 from bundle.data.synthetic import write_synthetic_monuseg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import benchmark_serving  # noqa: E402
 
 

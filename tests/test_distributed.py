@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
+
+from bundle import composer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -44,28 +45,10 @@ finalize:
 
 def _torchrun(root: Path, configs: list[Path], overrides: dict, dataset_dir: Path | None = None) -> Path:
     """Run ``training`` with two gloo processes under torchrun in ``root`` (the bundle root); returns ``root``."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "[" + ",".join(f"'{f}'" for f in configs) + "]",
-        "--bundle_root",
-        str(root),
-        "--dataset_dir",
-        str(dataset_dir or root / "data"),
-    ]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
+    settings = {"bundle_root": root, "dataset_dir": dataset_dir or root / "data", **overrides}
+    cmd = composer.bundle_command("training", configs, settings, nproc_per_node=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, cwd=composer.BUNDLE_ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return root
 
@@ -256,15 +239,18 @@ def test_a_rank_that_dies_ends_every_rank_within_a_bounded_time_and_is_named(tmp
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "monai.bundle", "run", "training", "--config_file",
-           f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']", "--bundle_root", str(tmp_path),
-           "--dataset_dir", str(tmp_path / "data")]  # fmt: skip
-    for key, value in {**OVERRIDES, "max_epochs": 200, "val_interval": 100}.items():
-        cmd += [f"--{key}", str(value)]
+    files = [CONFIGS / "train.yaml", CONFIGS / "multi_gpu_train.yaml"]
+    settings = {
+        "bundle_root": tmp_path,
+        "dataset_dir": tmp_path / "data",
+        **OVERRIDES,
+        "max_epochs": 200,
+        "val_interval": 100,
+    }
+    cmd = composer.bundle_command("training", files, settings, nproc_per_node=2)
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=composer.BUNDLE_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})  # fmt: skip
         try:
             deadline = time.time() + 300

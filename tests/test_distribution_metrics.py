@@ -92,8 +92,8 @@ def test_metric_classes_use_the_first_samples_and_weights():
     # probabilities, generation-major (N * C, H, W): the first two samples are the reference set A
     probs = torch.stack([S1, S2, Y2, Y2]).float() * 0.9 + 0.05
     annotations = torch.stack([Y1, Y2]).float() * 2 - 1  # {-1, 1} labels are accepted
-    ged_2, ged_all = GeneralizedEnergyDistance(num_samples=2), GeneralizedEnergyDistance()
-    hm_2, hm_all = HungarianMatchedIoU(num_samples=2), HungarianMatchedIoU()
+    ged_2, ged_all = GeneralizedEnergyDistance(num_generations=2), GeneralizedEnergyDistance()
+    hm_2, hm_all = HungarianMatchedIoU(num_generations=2), HungarianMatchedIoU()
     for metric in (ged_2, ged_all, hm_2, hm_all):
         metric([probs], [annotations])
     assert float(ged_2.aggregate()) == pytest.approx(0.5, abs=1e-6)
@@ -103,8 +103,8 @@ def test_metric_classes_use_the_first_samples_and_weights():
     kohl = GeneralizedEnergyDistance(empty_pair="nan")
     kohl([probs], [annotations])
     assert math.isnan(float(kohl.aggregate()))
-    with pytest.raises(ValueError, match="num_samples=5"):
-        GeneralizedEnergyDistance(num_samples=5)([probs], [annotations])
+    with pytest.raises(ValueError, match="num_generations=5"):
+        GeneralizedEnergyDistance(num_generations=5)([probs], [annotations])
 
 
 def test_ignite_handler_reads_weighted_samples_from_evaluator_outputs():

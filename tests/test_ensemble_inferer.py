@@ -5,8 +5,8 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from bundle.diffusion.samplers import DiffusionSampler
-from bundle.diffusion.schedules import make_cdal_scheduler
+from bundle.diffusion.cdal_schedule import make_cdal_scheduler
+from bundle.diffusion.diffusion_sampler import DiffusionSampler
 from bundle.inferers.ensemble import EnsembleInferer
 from bundle.networks.cdal import CDALGenerator
 

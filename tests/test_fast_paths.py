@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from bundle.diffusion.schedules import make_cdal_scheduler
+from bundle.diffusion.cdal_schedule import make_cdal_scheduler
 from bundle.engines.steps.cdal import CDALStep
 from bundle.engines.trainer import SegmentationTrainer
 from bundle.networks.cdal import CDALDiscriminator, CDALGenerator

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py keeps working without a GPU: its tiny CPU run executes every step for real (the benchmark,
+"""tools/gpu_check.py keeps working without a GPU: its tiny CPU run executes every step for real (the benchmark,
 one epoch of the main job in fp32 and with the fast-path switches, the paper cDAL profile, torchrun with gloo) and
 writes its JSON and Markdown."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import gpu_check  # noqa: E402
 
 STEPS = ["benchmark", "main_job_fp32", "main_job_fast", "paper_cdal", "torchrun"]

@@ -1,10 +1,10 @@
 """A real MONAI Label server on loopback serving freshly trained bundles and the shipped models (apps/monailabel).
 
 Marked ``monailabel``: not in the default run (``-m "not monailabel"`` in pyproject); ``.ci/run`` runs it after the
-main suite. It builds or reuses MONAI Label's own virtual environment (scripts/monailabel_env.sh; the path comes
+main suite. It builds or reuses MONAI Label's own virtual environment (tools/monailabel_env.sh; the path comes
 from ``MONAILABEL_VENV``, default ``.venv-monailabel``), trains a cDAL MoNuSeg-format model (built-in synthetic
 tiles) and a chest X-ray U-Net (the radiographs of ../shared/data but one) for a few iterations with the bundle's
-own training workflow and exports them with scripts/export_monailabel_bundle.py; the app itself exports the
+own training workflow and exports them with tools/export_monailabel_bundle.py; the app itself exports the
 repository's shipped Hippocampus cDAL models (2-D and 3-D) at start-up. It starts ``monailabel start_server`` on
 127.0.0.1, and then, through HTTP and MONAI Label's own Python client: reads /info; infers a MoNuSeg tile, a
 radiograph and a Hippocampus volume from ../shared/data (the real files; synthetic ones in the same formats when
@@ -131,7 +131,7 @@ def _timed(name: str, fn):
 def monailabel_venv() -> Path:
     venv = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "monailabel_env.sh"), str(venv)], capture_output=True, text=True, timeout=3600
+        ["bash", str(REPO / "tools" / "monailabel_env.sh"), str(venv)], capture_output=True, text=True, timeout=3600
     )
     assert proc.returncode == 0, (
         f"building MONAI Label's environment failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -163,13 +163,13 @@ def _train(root: Path, configs: list[str], overrides: dict) -> Path:
 
 
 def _export_untrained(dataset: str, method: str, output: Path, work: Path) -> None:
-    """``method`` on ``dataset`` exported with freshly initialised weights (scripts/export_monailabel_bundle.py)."""
+    """``method`` on ``dataset`` exported with freshly initialised weights (tools/export_monailabel_bundle.py)."""
     import importlib.util
 
     import torch
     from monai.bundle import ConfigParser
 
-    spec = importlib.util.spec_from_file_location("export_ml", REPO / "scripts" / "export_monailabel_bundle.py")
+    spec = importlib.util.spec_from_file_location("export_ml", REPO / "tools" / "export_monailabel_bundle.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     overrides = DATASET_OVERRIDES[dataset]
@@ -188,7 +188,7 @@ def _export(dataset: str, checkpoint: Path, output: Path, *extra: str) -> None:
     proc = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "export_monailabel_bundle.py"),
+            str(REPO / "tools" / "export_monailabel_bundle.py"),
             "--dataset",
             dataset,
             "--checkpoint",

@@ -1,4 +1,4 @@
-"""scripts/export_monailabel_bundle.py: the self-contained bundle folder MONAI Label loads (no server here; the
+"""tools/export_monailabel_bundle.py: the self-contained bundle folder MONAI Label loads (no server here; the
 server itself is tests/test_monailabel.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location(
-    "export_monailabel_bundle", REPO / "scripts" / "export_monailabel_bundle.py"
+    "export_monailabel_bundle", REPO / "tools" / "export_monailabel_bundle.py"
 )
 export_module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(export_module)

@@ -57,7 +57,7 @@ def test_soft_iou_cost_and_loss_gradients():
     torch.testing.assert_close(cost, torch.tensor([[[0.0, 1 - 1 / 5], [1 - 1 / 3, 1 - 1 / 3]]]))
     net = small_net()
     image = torch.randn(2, 1, 16, 16)
-    drawn = net(image, num_samples=8)
+    drawn = net(image, num_generations=8)
     assert drawn["probabilities"].shape == (2, 8, 1, 16, 16)
     annotations = (torch.rand(2, 4, 1, 16, 16) > 0.7).float()
     terms = MoSEOptimalTransportLoss(beta=1.0, gamma=0.5)(drawn["probabilities"], drawn["weights"], annotations)
@@ -179,7 +179,7 @@ def test_bn_momentum_sets_every_running_statistic_and_is_checked():
         for net in (reference, profile):
             net.train()
             for _ in range(20):
-                net(image, num_samples=4)
+                net(image, num_generations=4)
     gap = {
         name: ((net.backbone.down[0][1].running_mean - target).abs().max() / target.abs().max()).item()
         for name, net in (("reference", reference), ("profile", profile))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bundle.diffusion.samplers import DiffusionSampler, make_sampler
-from bundle.diffusion.schedules import make_cdal_scheduler
+from bundle.diffusion.cdal_schedule import make_cdal_scheduler
+from bundle.diffusion.diffusion_sampler import DiffusionSampler, make_sampler
 from bundle.engines.steps.cdal import CDALStep
 from bundle.engines.trainer import SegmentationTrainer
 from bundle.inferers.ensemble import EnsembleInferer
@@ -183,7 +183,7 @@ def test_per_image_metric_keeps_one_row_per_class():
 def test_segdiff_trains_and_samples_three_class_slices():
     """SegDiff (written alongside) with 3 label channels: one eps step on sliced 3-D crops, then a DDIM ensemble."""
     from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
-    from bundle.engines.steps.diffusion import DenoisingStep
+    from bundle.engines.steps.denoising import DenoisingStep
     from bundle.networks.segdiff import SegDiffNetwork
 
     torch.manual_seed(0)

@@ -2,8 +2,8 @@
 
 Two folds of cDAL are trained (a few iterations on 32x32 images) and each is evaluated twice on its held-out fold:
 with 3 generations ("cdal") and with 1 ("cdal_n1"), i.e. two methods x two folds in the folder layout that
-``scripts/reproduce.py`` writes. The bundle workflows run in-process through ``monai.bundle.run`` (the same code
-path as ``python -m monai.bundle run``, without six interpreter start-ups); ``scripts/reproduce.py`` (its ``main``,
+``tools/reproduce.py`` writes. The bundle workflows run in-process through ``monai.bundle.run`` (the same code
+path as ``python -m monai.bundle run``, without six interpreter start-ups); ``tools/reproduce.py`` (its ``main``,
 called in-process) then reads the finished runs as a user would and writes the Markdown, CSV and LaTeX tables.
 """
 
@@ -28,8 +28,8 @@ TINY = {"image_size": 32, "patch_size": 32, "batch_size": 2, "num_timesteps": 2}
 
 
 def _reproduce(argv: list[str], capsys) -> str:
-    """Run ``scripts/reproduce.py`` with ``argv``; its standard output."""
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    """Run ``tools/reproduce.py`` with ``argv``; its standard output."""
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "tools" / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(argv) == 0
@@ -195,7 +195,7 @@ def test_spread_over_images_and_timing_columns(results):
 
 
 def test_engine_minutes_reads_the_bundle_log(tmp_path):
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "tools" / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     log = tmp_path / "training.log"

@@ -1,12 +1,12 @@
-"""The cDAL schedule and the one reverse step (bundle.diffusion.steps) against the reference's float32 vectors
+"""The cDAL schedule and the one reverse step (bundle.diffusion.reverse_step) against the reference's float32 vectors
 (METHODS.md 1.1) and MONAI's DDPMScheduler.step, for one time index per batch and one per sample."""
 
 import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle.diffusion.schedules import ForwardDiffusion, make_cdal_scheduler
-from bundle.diffusion.steps import ReverseStep
+from bundle.diffusion.cdal_schedule import ForwardDiffusion, make_cdal_scheduler
+from bundle.diffusion.reverse_step import ReverseStep
 
 VECTORS = {
     2: {

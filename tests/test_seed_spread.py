@@ -1,4 +1,4 @@
-"""scripts/seed_spread.py: the validation history of a real (tiny) training run read from its MLflow database,
+"""tools/seed_spread.py: the validation history of a real (tiny) training run read from its MLflow database,
 and the per-method spread and drop figures it reports."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def spread():
-    spec = importlib.util.spec_from_file_location("seed_spread", REPO / "scripts" / "seed_spread.py")
+    spec = importlib.util.spec_from_file_location("seed_spread", REPO / "tools" / "seed_spread.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

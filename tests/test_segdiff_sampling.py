@@ -7,9 +7,9 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from bundle.diffusion.samplers import DiffusionSampler, UncachedImageNetwork, make_sampler
+from bundle.diffusion.diffusion_sampler import DiffusionSampler, UncachedImageNetwork, make_sampler
+from bundle.diffusion.reverse_step import ReverseStep, spaced_timesteps
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
-from bundle.diffusion.steps import ReverseStep, spaced_timesteps
 from bundle.inferers.ensemble import EnsembleInferer
 from bundle.networks.segdiff import SegDiffNetwork
 
@@ -149,7 +149,7 @@ def test_v_prediction_trains_on_monais_velocity_and_samples_with_monais_ddim_ste
     assert scheduler.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="prediction_type"):
         make_segdiff_scheduler(100, prediction_type="sample")
-    from bundle.engines.steps.diffusion import DenoisingStep
+    from bundle.engines.steps.denoising import DenoisingStep
 
     x0 = torch.tensor([[[[1.0, -1.0], [-1.0, 1.0]]]])
     noise = torch.tensor([[[[0.3, -0.7], [1.2, 0.1]]]])

@@ -6,9 +6,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.diffusion.samplers import DiffusionSampler
+from bundle.diffusion.diffusion_sampler import DiffusionSampler
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
-from bundle.engines.steps.diffusion import DenoisingStep, denoising_loss
+from bundle.engines.steps.denoising import DenoisingStep, denoising_loss
 from bundle.engines.trainer import SegmentationTrainer
 from bundle.handlers.ema import ExponentialMovingAverage, averaged_copy
 from bundle.networks.segdiff import SegDiffNetwork

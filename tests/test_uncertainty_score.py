@@ -1,5 +1,5 @@
 """The per-image uncertainty score that ranks images for annotation (bundle.metrics.uncertainty) and the ranking
-statistics of scripts/uncertainty_ranking.py."""
+statistics of tools/uncertainty_ranking.py."""
 
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 
 from bundle.metrics.uncertainty import foreground_uncertainty
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import uncertainty_ranking  # noqa: E402
 
 

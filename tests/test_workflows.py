@@ -12,7 +12,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle import composer
 from bundle.data.monuseg import build_monuseg_datalist
 from bundle.transforms.io import LoadInstanceMaskd, LoadTiled
 
@@ -44,23 +44,10 @@ SHORT = [
 
 
 def run_bundle(run_id: str, configs: list[str], root: Path, *args: str, check: bool = True):
-    files = "[" + ",".join(f"'{CONFIGS / c}'" for c in configs) + "]"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        files,
-        "--bundle_root",
-        str(root),
-        "--dataset_dir",
-        str(root.parent / "data"),
-        *args,
-    ]
+    overrides = {"bundle_root": root, "dataset_dir": root.parent / "data"}
+    cmd = composer.bundle_command(run_id, [CONFIGS / c for c in configs], overrides) + list(args)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, cwd=composer.BUNDLE_ROOT, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -1,7 +1,7 @@
 """MONAI Label app serving the bundle's diffusion segmentation models.
 
 Every folder under the app's ``model/`` directory (or the folder given by ``--conf bundles <dir>``) that holds an
-exported bundle (``scripts/export_monailabel_bundle.py``: ``configs/inference.yaml``, ``configs/metadata.json``,
+exported bundle (``tools/export_monailabel_bundle.py``: ``configs/inference.yaml``, ``configs/metadata.json``,
 ``models/model.pt``) becomes an infer model of the folder's name; those with ``configs/train.yaml`` can also be
 fine-tuned from the datastore's labelled images with MONAI Label's stock ``BundleTrainTask``.
 
@@ -56,12 +56,12 @@ UNCERTAINTY_TAG = "uncertainty"
 
 
 def export_shipped_models(bundles_dir: str) -> list[str]:
-    """Export every shipped model the folder lacks (``scripts/export_monailabel_bundle.py``'s ``export_shipped``)."""
+    """Export every shipped model the folder lacks (``tools/export_monailabel_bundle.py``'s ``export_shipped``)."""
     import importlib.util
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = importlib.util.spec_from_file_location(
-        "export_monailabel_bundle", os.path.join(repo, "scripts", "export_monailabel_bundle.py")
+        "export_monailabel_bundle", os.path.join(repo, "tools", "export_monailabel_bundle.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,7 +94,7 @@ class DiffusionSegmentationApp(MONAILabelApp):
         self.max_image_voxels = int(conf_limit(conf, "max_image_voxels", DEFAULT_MAX_IMAGE_VOXELS))
         self.max_upload_mb = conf_limit(conf, "max_upload_mb", DEFAULT_MAX_UPLOAD_MB)
         if not self.models:
-            raise ValueError(f"no exported bundles in {self.bundles_dir} (scripts/export_monailabel_bundle.py)")
+            raise ValueError(f"no exported bundles in {self.bundles_dir} (tools/export_monailabel_bundle.py)")
         super().__init__(
             app_dir=app_dir,
             studies=studies,

@@ -8,7 +8,7 @@ Two linear beta ranges are selectable (METHODS.md section 2):
   signal level is still about 0.36, so x_T is far from pure noise).
 
 Both are MONAI's built-in ``linear_beta`` schedule with explicit ``beta_start``/``beta_end``; index convention as in
-``bundle.diffusion.schedules`` (``alphas_cumprod[i]`` is the signal level of x_{i+1}).
+``bundle.diffusion.cdal_schedule`` (``alphas_cumprod[i]`` is the signal level of x_{i+1}).
 """
 
 from __future__ import annotations

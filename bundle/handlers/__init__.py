@@ -1,7 +1,5 @@
-"""Engine handlers: checkpoints, EMA, learning-rate schedules, panels, reports, prediction writers, guards."""
+"""Engine handlers: checkpoints, EMA, learning-rate schedules, panels, reports, prediction writers, guards (modules imported on first access)."""
 
-import importlib
-import pkgutil
+from bundle.packages import submodule_getattr
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+__getattr__ = submodule_getattr(__name__)

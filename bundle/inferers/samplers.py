@@ -15,7 +15,7 @@ sampler for
 Samplers here: :class:`DeterministicSampler` (a plain segmentation network: sigmoid or softmax of its logits, every
 generation identical) and :class:`LatentSampler` (networks with a latent variable that implement
 ``encode_image(image)`` and ``sample_rows(condition, generators, generation, num_generations, **options)``: the
-Probabilistic U-Net, MoSE). Diffusion methods use ``bundle.diffusion.samplers.DiffusionSampler``.
+Probabilistic U-Net, MoSE). Diffusion methods use ``bundle.diffusion.diffusion_sampler.DiffusionSampler``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ def take_rows(condition: Any, start: int, stop: int) -> Any:
 
 class Sampler(ABC):
     """The interface the ensemble inferer drives (module docstring)."""
+
+    @property
+    def sampling_steps(self) -> int | None:
+        """Network calls per generation of an iterative sampler (a reverse diffusion chain); None for samplers that
+        draw a generation in one pass (deterministic and latent-variable networks)."""
+        return None
 
     @abstractmethod
     def encode(self, network: nn.Module, images: torch.Tensor) -> Any:

@@ -1,7 +1,5 @@
-"""Metrics components of the bundle; every module is imported so configs can reach it as `bundle.metrics.<module>`."""
+"""Metrics components of the bundle; configs reach every module as `bundle.metrics.<module>`."""
 
-import importlib
-import pkgutil
+from bundle.packages import submodule_getattr
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+__getattr__ = submodule_getattr(__name__)

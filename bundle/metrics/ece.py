@@ -73,15 +73,19 @@ class ExpectedCalibrationError(SampleSetMetric):
     """Pooled-pixel ECE; the buffer holds each image's bin statistics, ``aggregate()`` pools them all.
 
     Args:
-        num_samples: use the first ``num_samples`` samples of each image (ECE(16)); None: all.
+        num_generations: use the first ``num_generations`` samples of each image (ECE(16)); None: all.
         num_bins: number of bins (10).
         label_channels, label_threshold: see :class:`~bundle.metrics.sample_sets.SampleSetMetric`.
     """
 
     def __init__(
-        self, num_samples: int | None = None, num_bins: int = 10, label_channels: int = 1, label_threshold: float = 0.0
+        self,
+        num_generations: int | None = None,
+        num_bins: int = 10,
+        label_channels: int = 1,
+        label_threshold: float = 0.0,
     ) -> None:
-        super().__init__(num_samples, label_channels, label_threshold)
+        super().__init__(num_generations, label_channels, label_threshold)
         if num_bins < 1:
             raise ValueError(f"num_bins must be >= 1, got {num_bins}")
         self.num_bins = num_bins

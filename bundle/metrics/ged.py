@@ -87,7 +87,7 @@ class GeneralizedEnergyDistance(BinarySampleSetMetric):
     """GED per image (samples binarised at ``threshold``), NaN-aware mean over images by ``aggregate()``.
 
     Args:
-        num_samples: use the first ``num_samples`` samples of each image (GED(16) from a 100-sample run); None: all.
+        num_generations: use the first ``num_generations`` samples of each image (GED(16) from a 100-sample run); None: all.
         empty_pair: "zero" (MoSE, default) or "nan" (official Probabilistic U-Net).
         threshold: sample probabilities > threshold are foreground.
         label_channels, label_threshold: see :class:`~bundle.metrics.sample_sets.SampleSetMetric`.

@@ -85,7 +85,7 @@ class HungarianMatchedIoU(BinarySampleSetMetric):
     """HM-IoU per image (samples binarised at ``threshold``), NaN-aware mean over images by ``aggregate()``.
 
     Args:
-        num_samples: use the first ``num_samples`` samples of each image (HM-IoU(16)); None: all.
+        num_generations: use the first ``num_generations`` samples of each image (HM-IoU(16)); None: all.
         empty_pair: "zero" (MoSE, default) or "nan".
         threshold: sample probabilities > threshold are foreground.
         label_channels, label_threshold: see :class:`~bundle.metrics.sample_sets.SampleSetMetric`.

@@ -110,7 +110,7 @@ def make_sample_set(
     annotations: torch.Tensor,
     weights: torch.Tensor | None = None,
     label_channels: int = 1,
-    num_samples: int | None = None,
+    num_generations: int | None = None,
     label_threshold: float = 0.0,
 ) -> SampleSet:
     """Build one image's :class:`SampleSet`.
@@ -120,7 +120,7 @@ def make_sample_set(
         annotations: (M * C, *spatial) masks; a value > ``label_threshold`` is foreground ({0, 1} or {-1, 1}).
         weights: (N,) non-negative sample weights (normalised here); None means uniform.
         label_channels: C.
-        num_samples: use only the first ``num_samples`` samples (their weights renormalised); None uses all.
+        num_generations: use only the first ``num_generations`` samples (their weights renormalised); None uses all.
         label_threshold: foreground threshold of the annotations.
     """
     samples, annotations = _as_tensor(samples, "samples"), _as_tensor(annotations, "annotations")
@@ -140,10 +140,10 @@ def make_sample_set(
     w = _uniform(n) if weights is None else _as_tensor(weights, "weights").double().flatten().cpu()
     if w.numel() != n:
         raise ValueError(f"got {w.numel()} weights for {n} samples")
-    if num_samples is not None:
-        if num_samples < 1 or num_samples > n:
-            raise ValueError(f"num_samples={num_samples} but the inferer gave {n} samples per image")
-        samples, w, n = samples[: num_samples * c], w[:num_samples], int(num_samples)
+    if num_generations is not None:
+        if num_generations < 1 or num_generations > n:
+            raise ValueError(f"num_generations={num_generations} but the inferer gave {n} samples per image")
+        samples, w, n = samples[: num_generations * c], w[:num_generations], int(num_generations)
     if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
         raise ValueError(f"sample weights must be finite, non-negative and not all zero, got {w.tolist()}")
     return SampleSet(
@@ -158,14 +158,16 @@ class SampleSetMetric(CumulativeIterationMetric):
     """Base class: one row of scores per image from its :class:`SampleSet`; see the module docstring for inputs.
 
     Args:
-        num_samples: score only the first ``num_samples`` samples of each image (e.g. 16 of 100); None: all.
+        num_generations: score only the first ``num_generations`` samples of each image (e.g. 16 of 100); None: all.
         label_channels: label channels C of samples and annotations.
         label_threshold: annotations are foreground where > this (0.0 serves {0, 1} and {-1, 1}).
     """
 
-    def __init__(self, num_samples: int | None = None, label_channels: int = 1, label_threshold: float = 0.0) -> None:
+    def __init__(
+        self, num_generations: int | None = None, label_channels: int = 1, label_threshold: float = 0.0
+    ) -> None:
         super().__init__()
-        self.num_samples = num_samples
+        self.num_generations = num_generations
         self.label_channels = label_channels
         self.label_threshold = label_threshold
 
@@ -180,7 +182,7 @@ class SampleSetMetric(CumulativeIterationMetric):
                 raise KeyError(f"a mapping prediction needs a 'samples' entry, got keys {sorted(y_pred)}")
             weights = y_pred.get("weights")
             y_pred = y_pred["samples"]
-        return make_sample_set(y_pred, y, weights, self.label_channels, self.num_samples, self.label_threshold)
+        return make_sample_set(y_pred, y, weights, self.label_channels, self.num_generations, self.label_threshold)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         if y is None:
@@ -236,19 +238,19 @@ class BinarySampleSetMetric(SampleSetMetric):
     """A :class:`SampleSetMetric` on binarised samples with an IoU-based distance (GED, HM-IoU).
 
     Args:
-        num_samples, label_channels, label_threshold: see :class:`SampleSetMetric`.
+        num_generations, label_channels, label_threshold: see :class:`SampleSetMetric`.
         empty_pair: "zero" (MoSE, default) or "nan" (official Probabilistic U-Net): the distance of two empty masks.
         threshold: sample probabilities > threshold are foreground.
     """
 
     def __init__(
         self,
-        num_samples: int | None = None,
+        num_generations: int | None = None,
         empty_pair: str = "zero",
         threshold: float = 0.5,
         label_channels: int = 1,
         label_threshold: float = 0.0,
     ) -> None:
-        super().__init__(num_samples, label_channels, label_threshold)
+        super().__init__(num_generations, label_channels, label_threshold)
         self.empty_pair = check_empty_pair(empty_pair)
         self.threshold = threshold

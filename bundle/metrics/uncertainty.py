@@ -4,7 +4,7 @@
 foreground, or over the whole image when nothing is predicted. Inside the foreground, because that is the structure
 an annotator would correct, and because a mean over the whole image ranks images by how much background they hold
 (a small hippocampus in a large field of view would look certain). MONAI Label's ``/activelearning/uncertain``
-(apps/monailabel) ranks by it; ``scripts/uncertainty_ranking.py`` measures how well it predicts the Dice.
+(apps/monailabel) ranks by it; ``tools/uncertainty_ranking.py`` measures how well it predicts the Dice.
 """
 
 from __future__ import annotations

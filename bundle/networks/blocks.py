@@ -93,7 +93,7 @@ _IN_PLACE = [True]  # the blocks' sums and activations in place (see out_of_plac
 def out_of_place_arithmetic() -> Iterator[None]:
     """Within this context the blocks compute every sum, affine map and activation into a new tensor, as they
     did before the in-place forms (the same values; about 10 % slower on a CPU): the path before the change that
-    ``scripts/benchmark_serving.py`` times as its baseline, and a debugging aid. Not thread-safe."""
+    ``tools/benchmark_serving.py`` times as its baseline, and a debugging aid. Not thread-safe."""
     previous, _IN_PLACE[0] = _IN_PLACE[0], False
     try:
         yield

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bundle.diffusion.samplers import DiffusionSampler, latent_size, samples_to_probability
+from bundle.diffusion.diffusion_sampler import DiffusionSampler, latent_size, samples_to_probability
 
 __all__ = ["DeployableDiffusionSegmenter"]
 

@@ -195,7 +195,7 @@ class MixtureOfStochasticExperts(nn.Module):
         return self.gating(global_features), dense
 
     def latent_codes(
-        self, expert_weights: torch.Tensor, num_samples: int, mode: str = "weighted"
+        self, expert_weights: torch.Tensor, num_generations: int, mode: str = "weighted"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(z (B, N, L), sample weights (B, N)); reparameterised, so gradients reach mu and log sigma.
 
@@ -205,17 +205,19 @@ class MixtureOfStochasticExperts(nn.Module):
         b, k = expert_weights.shape
         device = expert_weights.device
         if mode == "weighted":
-            if num_samples % k:
-                raise ValueError(f"weighted sampling needs num_samples divisible by num_experts={k}, got {num_samples}")
-            per_expert = num_samples // k
+            if num_generations % k:
+                raise ValueError(
+                    f"weighted sampling needs num_generations divisible by num_experts={k}, got {num_generations}"
+                )
+            per_expert = num_generations // k
             experts = torch.arange(k, device=device).repeat(per_expert)[None].expand(b, -1)
             weights = expert_weights.gather(1, experts) / per_expert
         elif mode == "sampled":
-            experts = torch.multinomial(expert_weights.detach().float(), num_samples, replacement=True)
-            weights = torch.full((b, num_samples), 1.0 / num_samples, device=device)
+            experts = torch.multinomial(expert_weights.detach().float(), num_generations, replacement=True)
+            weights = torch.full((b, num_generations), 1.0 / num_generations, device=device)
         else:
             raise ValueError(f"mode must be one of {SAMPLE_MODES}, got {mode!r}")
-        noise = torch.randn((b, num_samples, self.latent_dim), device=device)
+        noise = torch.randn((b, num_generations, self.latent_dim), device=device)
         z = self.mu[experts] + (torch.exp(self.log_sigma[experts]) + 1e-8) * noise.to(self.mu.dtype)
         return z, weights
 
@@ -230,10 +232,12 @@ class MixtureOfStochasticExperts(nn.Module):
         probs = probs[:, 1:] if self.label_channels == 1 else probs
         return probs.reshape(z.shape[0], z.shape[1], self.label_channels, *dense.shape[2:])
 
-    def forward(self, image: torch.Tensor, num_samples: int = 16, mode: str = "weighted") -> dict[str, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, num_generations: int = 16, mode: str = "weighted"
+    ) -> dict[str, torch.Tensor]:
         """Differentiable samples: ``{"probabilities": (B, N, label_channels, H, W), "weights": (B, N)}``."""
         expert_weights, dense = self.encode(image)
-        z, weights = self.latent_codes(expert_weights, num_samples, mode)
+        z, weights = self.latent_codes(expert_weights, num_generations, mode)
         return {"probabilities": self.foreground_probability(dense, z), "weights": weights}
 
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,5 @@
-"""Transforms components of the bundle; every module is imported so configs can reach it as `bundle.transforms.<module>`."""
+"""Transforms components of the bundle; configs reach every module as `bundle.transforms.<module>`."""
 
-import importlib
-import pkgutil
+from bundle.packages import submodule_getattr
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+__getattr__ = submodule_getattr(__name__)

@@ -96,11 +96,8 @@ class EnsembleBundleInferTask(BundleInferTask):
             return
         self.model_name = os.path.basename(os.path.normpath(path))
         self.default_generations = int(self.bundle_config.get_parsed_content("num_generations"))
-        # sampling steps: diffusion samplers only (the U-Net's and the latent models' configs keep the base's key)
-        sampler = self.bundle_config.get("sampler") or {}
-        diffusion = "bundle.diffusion." in str(sampler.get("_target_", "") if isinstance(sampler, dict) else sampler)
-        steps = self.bundle_config.get("num_timesteps") if diffusion else None
-        self.num_timesteps = int(self.bundle_config.get_parsed_content("num_timesteps")) if steps is not None else None
+        # network calls per generation: the sampler says whether it runs a chain (diffusion) or one pass
+        self.num_timesteps = self.bundle_config.get_parsed_content("sampler").sampling_steps
         channels = self.bundle_config.get("image_channels")  # the network's input channels after preprocessing
         self.image_channels = (
             int(self.bundle_config.get_parsed_content("image_channels")) if channels is not None else None

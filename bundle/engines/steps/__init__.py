@@ -1,7 +1,5 @@
-"""The methods' training steps (one per method family); every module is imported for the configs."""
+"""The methods' training steps (one per method family) (modules imported on first access)."""
 
-import importlib
-import pkgutil
+from bundle.packages import submodule_getattr
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+__getattr__ = submodule_getattr(__name__)

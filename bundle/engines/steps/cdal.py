@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDPMScheduler
 
-from bundle.diffusion.schedules import ForwardDiffusion
+from bundle.diffusion.cdal_schedule import ForwardDiffusion
 from bundle.engines.steps.base import TrainingStep
 from bundle.runtime import unwrap_network
 

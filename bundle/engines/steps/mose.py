@@ -54,9 +54,9 @@ class MoSEStep(TrainingStep):
 
     def __call__(self, engine: Any, image: torch.Tensor, label: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         network = engine.networks["network"]
-        num_samples = int(unwrap_network(network).num_experts) * self.samples_per_expert
+        num_generations = int(unwrap_network(network).num_experts) * self.samples_per_expert
         with engine.autocast():
-            drawn = network(image, num_samples=num_samples, mode="weighted")
+            drawn = network(image, num_generations=num_generations, mode="weighted")
         terms = self.loss_function(
             drawn["probabilities"].float(), drawn["weights"].float(), self.annotations(batch, label)
         )

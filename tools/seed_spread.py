@@ -15,7 +15,7 @@ validation of the run from its MLflow database (``val_dice`` by epoch) and write
 - with ``--test``: each run's saved model scored once on the held-out ``test`` subset (``run evaluating`` with
   ``configs/evaluate.yaml``, results in ``<run>/evaluation_test/``), which no selection saw.
 
-    python scripts/seed_spread.py --methods cdal segdiff unet prob_unet mose --seeds 1 2 3 --test --results results/spread
+    python tools/seed_spread.py --methods cdal segdiff unet prob_unet mose --seeds 1 2 3 --test --results results/spread
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tools"))
 
 from reproduce import DONE_MARKER, cli_overrides, config_files  # noqa: E402  (the same overlays, rules, marker)
 

@@ -10,11 +10,11 @@ values as ``channel_def``; ``spatial_shape`` 2-D for tiles, radiographs and crop
 which are inferred slice-wise), and copies the served network's weights (from ``model.pt``, or from a training
 checkpoint: its EMA network if it has one, else its first network), checking that they load into the exported
 ``network_def``. The folder imports the ``bundle`` package (install the repo into MONAI Label's environment:
-scripts/monailabel_env.sh).
+tools/monailabel_env.sh).
 
-    python scripts/export_monailabel_bundle.py --dataset synthetic --checkpoint models/model.pt \\
+    python tools/export_monailabel_bundle.py --dataset synthetic --checkpoint models/model.pt \\
         --output apps/monailabel/model/monuseg_cdal
-    python scripts/export_monailabel_bundle.py --dataset hippocampus --checkpoint <run>/models/model.pt \\
+    python tools/export_monailabel_bundle.py --dataset hippocampus --checkpoint <run>/models/model.pt \\
         --output apps/monailabel/model/hippocampus_cdal --dataset_dir /data/Task04_Hippocampus \\
         --set network_def#num_channels=16 "network_def#attention_resolutions=[]" num_timesteps=2
 

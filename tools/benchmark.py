@@ -21,9 +21,9 @@ depend on t); a whole-chain run of the cDAL CPU-profile network checks the extra
 file and are appended, dated and with the machine description, to docs/benchmarks.md (created if absent, never
 overwritten).
 
-    python scripts/benchmark.py                       # everything (10-30 minutes on 2 CPU cores)
-    python scripts/benchmark.py --profiles cpu --methods cdal --no_markdown
-    python scripts/benchmark.py --methods cdal --amp --channels_last   # bf16 autocast (AMX / tensor cores)
+    python tools/benchmark.py                       # everything (10-30 minutes on 2 CPU cores)
+    python tools/benchmark.py --profiles cpu --methods cdal --no_markdown
+    python tools/benchmark.py --methods cdal --amp --channels_last   # bf16 autocast (AMX / tensor cores)
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bundle import composer
-from bundle.diffusion.samplers import DiffusionSampler, UncachedImageNetwork
-from bundle.diffusion.schedules import make_cdal_scheduler
+from bundle.diffusion.cdal_schedule import make_cdal_scheduler
+from bundle.diffusion.diffusion_sampler import DiffusionSampler, UncachedImageNetwork
 from bundle.diffusion.segdiff_schedule import make_segdiff_scheduler
 from bundle.inferers.autocast import AutocastNetwork, autocast_dtype
 from bundle.inferers.ensemble import EnsembleInferer
@@ -462,7 +462,7 @@ def markdown_section(result: dict) -> str:
 
 MARKDOWN_HEADER = """# Sampling benchmarks
 
-Written by `scripts/benchmark.py` (each run appends a dated section; the JSON it writes holds every measured
+Written by `tools/benchmark.py` (each run appends a dated section; the JSON it writes holds every measured
 component). Targets on the 2-core CPU: the project's SegDiff sampler at least 3x faster than the reference loop,
 cDAL at least 1.5x. The FLOP counts are the networks' (convolutions, matmuls, attention) from
 `torch.utils.flop_counter`; element-wise work (norms, activations) is not counted, so "% peak" understates how busy
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
         machine["gpu"] = torch.cuda.get_device_name(DEVICE)
     result: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine,
         "image_size": args.size,
     }

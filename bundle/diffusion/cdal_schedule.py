@@ -15,7 +15,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 from monai.networks.schedulers.scheduler import NoiseSchedules
 
-from bundle.diffusion.steps import ReverseStep
+from bundle.diffusion.reverse_step import ReverseStep
 
 VP_DISCRETE = "vp_discrete"
 

@@ -10,7 +10,7 @@ foreground_uncertainty``: the mean standard deviation of the generations inside 
 mean Dice over the foreground classes. A negative rho is what helps an annotator: the images ranked first are the
 ones the model gets wrong. Writes a CSV (one row per image) and a JSON summary; prints a Markdown line.
 
-    python scripts/uncertainty_ranking.py --datalist <run>/eval/datalist_hippocampus_fold0.json \\
+    python tools/uncertainty_ranking.py --datalist <run>/eval/datalist_hippocampus_fold0.json \\
         --subsets validation test --output eval/uncertainty_ranking \\
         --set num_generations=5 whole_slices=true
 """
@@ -26,11 +26,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bundle import composer  # noqa: E402
+from bundle.metrics.binary import binary_scores, confusion_counts  # noqa: E402
 from bundle.metrics.uncertainty import foreground_uncertainty  # noqa: E402
 from bundle.transforms.writers import label_extension, volume_file_stem  # noqa: E402
 
@@ -44,12 +46,10 @@ def _read(path: Path) -> np.ndarray:
 
 
 def dice_per_class(predicted: np.ndarray, truth: np.ndarray, classes: list[int]) -> list[float]:
-    scores = []
-    for c in classes:
-        p, t = predicted == c, truth == c
-        total = p.sum() + t.sum()
-        scores.append(float(2 * (p & t).sum() / total) if total else 1.0)
-    return scores
+    """Dice of each class of two label maps (the bundle's binary metric); a class in neither scores 1."""
+    one_hot = [torch.stack([torch.as_tensor(m == c) for c in classes])[None].float() for m in (predicted, truth)]
+    tp, fp, fn = confusion_counts(*one_hot, threshold=0.5, label_threshold=0.5)
+    return binary_scores(tp, fp, fn, "dice", empty_score=1.0)[0].tolist()
 
 
 def spearman(x: list[float], y: list[float]) -> dict:

@@ -30,9 +30,9 @@ MLflow run in ``<results>/mlruns.db`` (where every training and evaluation run o
 Examples (the cDAL Hippocampus table, four folds, GPU; the CPU profiles with their variants, one held-out fold,
 mean +- std over its volumes)::
 
-    python scripts/reproduce.py --methods cdal --dataset hippocampus --folds 0 1 2 3 --paper \\
+    python tools/reproduce.py --methods cdal --dataset hippocampus --folds 0 1 2 3 --paper \\
         --dataset_dir /data/Task04_Hippocampus --results results
-    python scripts/reproduce.py --methods cdal segdiff unet --variants 2d 2.5d 3d --dataset hippocampus --folds 0 \\
+    python tools/reproduce.py --methods cdal segdiff unet --variants 2d 2.5d 3d --dataset hippocampus --folds 0 \\
         --profile --spread images --dataset_dir /data/Task04_Hippocampus --results results
 """
 

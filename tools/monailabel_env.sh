@@ -6,7 +6,7 @@
 # this project's machines: the server starts only with pydicom<3 and
 # dicomweb-client[gcp]==0.59.3.
 #
-#   scripts/monailabel_env.sh [VENV_DIR]      (default: .venv-monailabel)
+#   tools/monailabel_env.sh [VENV_DIR]      (default: .venv-monailabel)
 #
 # The bundle package itself is installed without dependencies (its torch/monai
 # ranges are for the training environment; MONAI Label brings its own).
@@ -15,7 +15,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-${MONAILABEL_VENV:-$REPO/.venv-monailabel}}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.bundle-monailabel-ready"
-if [[ -f "$STAMP" && "$VENV/bin/monailabel" -nt "$REPO/scripts/monailabel_env.sh" ]]; then
+if [[ -f "$STAMP" && "$VENV/bin/monailabel" -nt "$REPO/tools/monailabel_env.sh" ]]; then
     echo "reusing $VENV"
 else
     "$PY" -m venv "$VENV"

@@ -19,7 +19,7 @@ Nothing is tuned on the held-out volumes. Writes ``<output>/seed<k>/result.json`
 ``per_volume.csv``; prints a Markdown table. Seeds can run as separate processes (``--seeds 0``, ``--seeds 1``; then
 ``--summarise`` alone).
 
-    python scripts/annotation_loop.py --dataset_dir ../shared/data/hippocampus/Task04_Hippocampus \\
+    python tools/annotation_loop.py --dataset_dir ../shared/data/hippocampus/Task04_Hippocampus \\
         --output /work/results/annotation_loop --seeds 0 1 2
 """
 
@@ -39,7 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tools"))
 
 import uncertainty_ranking  # noqa: E402
 
@@ -89,7 +89,7 @@ def train(
 
 
 def infer(out: Path, model: Path, items: list[dict], subset: str, args) -> dict[str, dict]:
-    """Score and Dice per volume through the served inference composition (scripts/uncertainty_ranking.py)."""
+    """Score and Dice per volume through the served inference composition (tools/uncertainty_ranking.py)."""
     out.mkdir(parents=True, exist_ok=True)
     datalist = out / "items.json"
     _write_json(datalist, {subset: items})

@@ -3,7 +3,7 @@
 ``DiffusionSampler`` follows the ensemble inferer's ``Sampler`` interface: ``encode`` runs the network's image
 encoder once per image (``network.encode_image``) and ``sample`` reuses it at every step; all rows (the generations
 of one or more images) run as one batch, and every random draw of row r (x_T, the latent z of networks that take
-one, the step noise) comes from ``generators[r]``. Each step is ``bundle.diffusion.steps.ReverseStep``:
+one, the step noise) comes from ``generators[r]``. Each step is ``bundle.diffusion.reverse_step.ReverseStep``:
 
 - cDAL: x0 prediction, ``fixed_small`` variance, all T steps -> the posterior step of the reference;
 - SegDiff: eps prediction, ``fixed_large`` variance, all T steps -> ancestral DDPM (the reference), or
@@ -22,7 +22,7 @@ import torch
 from monai.networks.schedulers import Scheduler
 from torch import nn
 
-from bundle.diffusion.steps import ReverseStep, spaced_timesteps
+from bundle.diffusion.reverse_step import ReverseStep, spaced_timesteps
 from bundle.inferers.samplers import Sampler, SampleRows
 from bundle.runtime import randn_rows, unwrap_network
 
@@ -58,6 +58,10 @@ class DiffusionSampler(Sampler):
             raise ValueError(f"{num_steps} of {self.num_train_timesteps} steps needs DDIM: give eta (0 to 1)")
         for index, prev_index in zip(self.timesteps, self.timesteps[1:] + [-1]):
             self.step.scalars(index, prev_index)  # the chain's schedule terms as floats, before any tracing
+
+    @property
+    def sampling_steps(self) -> int:
+        return len(self.timesteps)
 
     def encode(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
         encoder = network if hasattr(network, "encode_image") else unwrap_network(network)

@@ -25,7 +25,7 @@ each in a fresh process: what ``auto`` gains where the hardware has native bf16 
 does not). JSON to ``--json``; a dated Markdown section with the machine is appended to docs/benchmarks.md unless
 ``--no_markdown``.
 
-    OMP_NUM_THREADS=1 python scripts/benchmark_serving.py            # ~11 minutes on one core (the tile: 7)
+    OMP_NUM_THREADS=1 python tools/benchmark_serving.py            # ~11 minutes on one core (the tile: 7)
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tools"))
 
 from benchmark import machine_description, measure_matmul_peak  # noqa: E402
 
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "command": "python scripts/benchmark_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python tools/benchmark_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine,
         "volume": args.volume.name,
         "shape": list(image.shape[2:]),

@@ -7,7 +7,7 @@ For the model in ``<bundle_root>/models/model.pt`` (trained with the given metho
 into ``roi_size`` windows, per-image Dice of the mean at 0.5) and times one window, then prints a Markdown table
 (docs/deploy.md, docs/benchmarks.md)::
 
-    python scripts/check_deploy.py --bundle_root . --eval_subset test
+    python tools/check_deploy.py --bundle_root . --eval_subset test
 """
 
 from __future__ import annotations
