@@ -143,10 +143,7 @@ def run_cell(
         overrides.update(TINY_RUN, tracking_uri=f"sqlite:///{bundle_root / 'mlruns.db'}")
         overrides.update({k: v for k, v in data.items() if k != "input_dir"})
     overrides.update(extra or {})
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in config_files(workflow, method, dataset, workflow_files=workflow_files)])
-    for key, value in overrides.items():
-        parser[key] = value
+    parser = composer.compose(config_files(workflow, method, dataset, workflow_files=workflow_files), overrides)
     parser.parse()
     parser.get_parsed_content("run")
     return parser
