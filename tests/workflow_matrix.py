@@ -145,5 +145,6 @@ def run_cell(
     overrides.update(extra or {})
     parser = composer.compose(config_files(workflow, method, dataset, workflow_files=workflow_files), overrides)
     parser.parse()
+    parser.get_parsed_content("initialize")  # as ``monai.bundle run`` does: the excepthook of input errors
     parser.get_parsed_content("run")
     return parser
