@@ -455,7 +455,7 @@ def test_tile_inference_returns_a_binary_label_and_stores_the_uncertainty(server
     height, width = Image.open(server["tile"]).size[::-1]
     assert label.shape == (height, width) and label.dtype == np.uint8
     assert set(np.unique(label)) <= {0, 1}
-    assert params["num_generations"] == 3 and params["num_timesteps"] == 4
+    assert params["num_generations"] == 3 and params["sampling_steps"] == 4
     # the server's label is the bundle's own inference of that file (same seed and file name, so the same noise)
     offline = _offline_tile_mask(server["bundles"] / "monuseg_cdal", server["studies"] / f"{TILE}.tif", 3)
     assert offline.shape == label.shape
@@ -498,7 +498,7 @@ def test_a_radiograph_is_served_by_the_unet(server, tmp_path):
     params, label = json.loads(parts["params"]), _read_png(parts["image"])
     source = Image.open(server["cxr"] / "CXR_png" / f"{radiograph}.png")
     assert label.shape == source.size[::-1] and set(np.unique(label)) <= {0, 1}
-    assert params["num_generations"] == 1 and params["num_timesteps"] is None
+    assert params["num_generations"] == 1 and params["sampling_steps"] is None
     assert params["uncertainty"]["max"] == 0.0  # one deterministic generation: no spread
     truth = np.array(Image.open(server["cxr"] / "masks" / f"{radiograph}_mask.png")) > 127
     dice = _dice(label > 0, truth)
@@ -684,7 +684,7 @@ def test_every_method_on_every_dataset_is_served(server, tmp_path, dataset, meth
     assert 0 <= summary["mean"] <= summary["max"] <= 1 and 0 <= summary["score"] <= 1
     if method == "unet":
         assert summary["max"] == 0.0  # one deterministic generation
-    assert (params["num_timesteps"] is not None) == (method in ("cdal", "segdiff"))
+    assert (params["sampling_steps"] is not None) == (method in ("cdal", "segdiff"))
 
 
 # read in MONAI Label's environment (pydicom-seg, SimpleITK): the DICOM SEG's label array, its geometry and the

@@ -97,7 +97,7 @@ class EnsembleBundleInferTask(BundleInferTask):
         self.model_name = os.path.basename(os.path.normpath(path))
         self.default_generations = int(self.bundle_config.get_parsed_content("num_generations"))
         # network calls per generation: the sampler says whether it runs a chain (diffusion) or one pass
-        self.num_timesteps = self.bundle_config.get_parsed_content("sampler").sampling_steps
+        self.sampling_steps = self.bundle_config.get_parsed_content("sampler").sampling_steps
         channels = self.bundle_config.get("image_channels")  # the network's input channels after preprocessing
         self.image_channels = (
             int(self.bundle_config.get_parsed_content("image_channels")) if channels is not None else None
@@ -108,7 +108,7 @@ class EnsembleBundleInferTask(BundleInferTask):
         self._config.update({"num_generations": self.default_generations, "save_uncertainty": True})
         if self.slice_wise:
             self._config["whole_slices"] = self.default_whole_slices
-        steps = f" ({self.num_timesteps} sampling steps each)" if self.num_timesteps else ""
+        steps = f" ({self.sampling_steps} sampling steps each)" if self.sampling_steps else ""
         protocol = (
             f" Request option whole_slices (true: each slice whole, the fast protocol; default "
             f"{str(self.default_whole_slices).lower()})."
@@ -191,7 +191,7 @@ class EnsembleBundleInferTask(BundleInferTask):
         label = np.rint(pred).astype(np.uint8)
         result: dict[str, Any] = {
             "num_generations": self._generations(data),
-            "num_timesteps": self.num_timesteps,
+            "sampling_steps": self.sampling_steps,
             "whole_slices": self._whole_slices(data),
             "label_values": sorted(int(v) for v in np.unique(label)),
         }
